@@ -1,0 +1,153 @@
+"""The command line: a thin typer layer that parses, loads the config, calls one stage and prints the result.
+
+Run as: sdpo <split|reflogp|train|run|gamma> CONFIG [key=value ...]   (see docs/cli.md)
+
+stdout carries results (artifact paths, the γ table or JSON); progress and diagnostics go to stderr. A user mistake
+ends as `Error: ...` + `Hint: ...` on stderr with exit code 2 (usage/config/data) or 1, and no traceback unless
+SDPO_DEBUG=1.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, List, Optional
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from sdpo_cli import console
+from sdpo_cli.errors import ConfigError, SdpoError
+
+app = typer.Typer(
+    name="sdpo",
+    help="Stepwise DPO (sDPO, Kim et al. 2024, arXiv:2403.19270): align a causal LM with preference data in steps, "
+         "each step's reference being the model aligned by the step before.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+ConfigArg = Annotated[Path, typer.Argument(help="YAML config file (see configs/).", show_default=False)]
+Overrides = Annotated[Optional[List[str]], typer.Argument(help="Overrides as key=value, e.g. dpo.beta=0.2.",
+                                                          show_default=False)]
+StepOpt = Annotated[int, typer.Option("--step", "-t", min=1, help="sDPO step t (1-based).")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Redo the stage even if it is finished.")]
+
+
+def _config(config: Path, overrides: list[str] | None):
+    from sdpo_cli.config import load_config
+
+    return load_config(config, overrides)
+
+
+@app.command()
+def split(config: ConfigArg, overrides: Overrides = None, force: ForceOpt = False) -> None:
+    """Build the step datasets data/step-1..T (and data/eval) from the configured sources.
+
+    Example: sdpo split configs/fixtures.yaml run_dir=runs/demo split.strategy=stratified split.fractions=[0.5,0.5]
+    """
+    from sdpo_cli.split import run_split
+
+    for path in run_split(_config(config, overrides), force=force):
+        console.stdout.print(str(path))
+
+
+@app.command()
+def reflogp(config: ConfigArg, step: StepOpt, overrides: Overrides = None, force: ForceOpt = False) -> None:
+    """Precompute reference log-probs (and γ_ref) of D_t with the step's reference (M_{t-1} by default).
+
+    Example: sdpo reflogp configs/fixtures.yaml --step 2 run_dir=runs/demo
+    """
+    from sdpo_cli.reflogp import run_reflogp
+
+    console.stdout.print(str(run_reflogp(_config(config, overrides), step, force=force)))
+
+
+@app.command()
+def train(config: ConfigArg, step: StepOpt, overrides: Overrides = None, force: ForceOpt = False) -> None:
+    """Run one DPO step on D_t, starting from M_{t-1}; writes checkpoints/step-t (M_t).
+
+    Example: sdpo train configs/fixtures.yaml --step 1 run_dir=runs/demo train.learning_rate=1e-5
+    """
+    from sdpo_cli.train import run_train
+
+    console.stdout.print(str(run_train(_config(config, overrides), step, force=force)))
+
+
+@app.command()
+def run(config: ConfigArg, overrides: Overrides = None, force: ForceOpt = False) -> None:
+    """Run every stage of every step (split, then reflogp + train per step), skipping finished stages.
+
+    Example: sdpo run configs/fixtures.yaml run_dir=runs/demo
+    """
+    from sdpo_cli.pipeline import run_all
+
+    console.stdout.print(str(run_all(_config(config, overrides), force=force)))
+
+
+@app.command()
+def gamma(
+    config: ConfigArg,
+    overrides: Overrides = None,
+    checkpoint: Annotated[Optional[List[str]], typer.Option(
+        "--checkpoint", "-c", help="base | step-N | PATH; repeat for several (default: base and every step).")] = None,
+    data: Annotated[Optional[str], typer.Option(
+        "--data", "-d", help="step-N | eval | a data file (default: the last step's data).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON to stdout instead of a table.")] = False,
+    plot: Annotated[Optional[Path], typer.Option("--plot", help="Draw mean γ per checkpoint to this PNG.")] = None,
+) -> None:
+    """Mean γ = log π(chosen) − log π(rejected) of checkpoints on a dataset (the paper's Fig. 2).
+
+    Example: sdpo gamma configs/fixtures.yaml run_dir=runs/demo --checkpoint base --checkpoint step-1 --json
+    """
+    from sdpo_cli.gamma import run_gamma
+
+    results = run_gamma(_config(config, overrides), checkpoint, data)
+    if plot is not None:
+        from sdpo_cli.reports import plot_gamma
+
+        console.info(f"gamma: wrote {plot_gamma(results, plot)}")
+    if as_json:
+        console.stdout.print(json.dumps(results, indent=2), markup=False, highlight=False)
+        return
+    table = Table(title=f"γ on {results[0]['data']}" if results else "γ", title_justify="left")
+    for col in ("checkpoint", "n", "mean", "std", "median", "γ > 0"):
+        table.add_column(col, justify="left" if col == "checkpoint" else "right")
+    for r in results:
+        table.add_row(r["checkpoint"], str(r["n"]), f"{r['mean']:.4f}", f"{r['std']:.4f}", f"{r['median']:.4f}",
+                      f"{r['frac_positive']:.3f}")
+    console.stdout.print(table)
+
+
+def main() -> None:
+    """Entry point of the `sdpo` script: maps SdpoError to `Error:`/`Hint:` lines and an exit code."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # Our own progress bars and counts replace the libraries' per-call bars and length warnings.
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    try:
+        app(standalone_mode=True)
+    except SdpoError as e:
+        _fail(e)
+    except SystemExit:
+        raise
+    except KeyboardInterrupt:
+        console.console.print("Interrupted. Finished stages are kept; rerun the same command to continue.")
+        sys.exit(130)
+
+
+def _fail(e: SdpoError) -> None:
+    if os.environ.get("SDPO_DEBUG"):
+        raise e
+    console.console.print(f"[bold red]Error:[/] {escape(e.message)}", soft_wrap=True)
+    if e.hint:
+        console.console.print(f"Hint: {escape(e.hint)}", soft_wrap=True)
+    sys.exit(e.exit_code)
+
+
+__all__ = ["app", "main", "ConfigError"]

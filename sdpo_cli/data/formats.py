@@ -1,0 +1,317 @@
+"""Data sources -> canonical preference pairs.
+
+A source is a hub id, a local dataset folder (save_to_disk or a loadable folder) or a .jsonl/.json/.parquet/.csv
+file. Its rows are read in one of these formats, named in `format` or detected from the columns:
+
+    orca           system, question, chosen, rejected (strings)             Intel/orca_dpo_pairs
+    ultrafeedback  prompt, chosen/rejected message lists, score_*           HuggingFaceH4/ultrafeedback_binarized,
+                                                                            allenai/ultrafeedback_binarized_cleaned
+    argilla        prompt, chosen/rejected message lists, *-rating          argilla/ultrafeedback-binarized-
+                                                                            preferences-cleaned
+    preference     TRL's rows: prompt?/chosen/rejected, strings or message lists (explicit or implicit prompt)
+    columns        any columns, mapped with `columns: {prompt, chosen, rejected, system}`
+
+A canonical pair is {id, source, prompt (list of messages), chosen (str), rejected (str), template}. `template` is
+"chat" (rendered with the chat template) or "raw" (TRL's standard text rows: prompt + completion + EOS, no template).
+Rows we cannot use for content reasons (empty text, chosen == rejected, prompts that differ) are skipped and
+counted; rows of the wrong shape are errors naming the file, row and key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sdpo_cli.config import SourceConfig
+from sdpo_cli.errors import DataError
+
+FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
+@dataclass
+class LoadedSource:
+    name: str
+    where: str  # file or hub id, for messages
+    pairs: list[dict]
+    rows_read: int
+    skipped: Counter = field(default_factory=Counter)
+    format: str = ""
+
+
+class _Skip(Exception):
+    """A row we skip on purpose (counted, reported)."""
+
+
+def load_pairs(source: SourceConfig) -> LoadedSource:
+    """Read one source and return its canonical pairs, in source order."""
+    dataset, where = _load_dataset(source)
+    columns = set(dataset.column_names)
+    fmt = source.format if source.format != "auto" else detect_format(columns, where)
+    converter = CONVERTERS[fmt]
+    _check_columns(fmt, columns, source, where)
+    if source.limit is not None:
+        dataset = dataset.select(range(min(source.limit, len(dataset))))
+    out = LoadedSource(name=source.name, where=where, pairs=[], rows_read=len(dataset), format=fmt)
+    for i, row in enumerate(dataset):
+        try:
+            prompt, chosen, rejected, template = converter(row, source)
+            _check_text(prompt, chosen, rejected)
+        except _Skip as reason:
+            out.skipped[str(reason)] += 1
+            continue
+        except _BadRow as e:
+            raise DataError(f"{where}:{_row_ref(where, i)}: {e.key}: {e}",
+                            hint=f"fix the row, or check format: {fmt} fits this source") from None
+        out.pairs.append({"id": f"{source.name}-{i}", "source": source.name, "prompt": prompt, "chosen": chosen,
+                          "rejected": rejected, "template": template, "pair_hash": pair_hash(prompt, chosen, rejected)})
+    if not out.pairs:
+        why = f" (skipped: {dict(out.skipped)})" if out.skipped else ""
+        raise DataError(f"{where}: source '{source.name}' has no usable rows{why}",
+                        hint="check the path, split and limit of this source")
+    return out
+
+
+def pair_hash(prompt: list, chosen: str, rejected: str) -> str:
+    return hashlib.sha1(json.dumps([prompt, chosen, rejected], sort_keys=True).encode()).hexdigest()[:16]
+
+
+def prompt_hash(prompt: list) -> str:
+    return hashlib.sha1(json.dumps(prompt, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _row_ref(where: str, i: int) -> str:
+    # JSON Lines files have one row per line: name the line, which is what an editor shows.
+    return f"{i + 1}" if where.endswith(".jsonl") else f"row {i}"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loading
+
+
+def _load_dataset(source: SourceConfig):
+    import datasets
+
+    path = Path(source.path)
+    where = source.path
+    try:
+        if path.suffix in FILE_BUILDERS:
+            if not path.is_file():
+                raise DataError(f"{where}: data file not found (source '{source.name}')",
+                                hint="check data.sources[].path; relative paths start at the config file's folder")
+            if path.stat().st_size == 0:
+                raise DataError(f"{where}: data file is empty (source '{source.name}')", hint="check the file")
+            try:
+                return datasets.load_dataset(FILE_BUILDERS[path.suffix], data_files=str(path), split="train"), where
+            except Exception as e:  # pyarrow's parse errors carry no line number: find it ourselves
+                if FILE_BUILDERS[path.suffix] == "json":
+                    _raise_bad_json_line(path)
+                raise DataError(f"{where}: cannot read ({_first_line(e)})", hint="check the file's format") from None
+        if path.is_dir():
+            if any((path / f).is_file() for f in ("dataset_info.json", "state.json", "dataset_dict.json")):
+                loaded = datasets.load_from_disk(str(path))
+                if isinstance(loaded, datasets.DatasetDict):
+                    if source.split not in loaded:
+                        raise DataError(f"{where}: no split '{source.split}' (has {sorted(loaded)})",
+                                        hint=f"set split: one of {sorted(loaded)}")
+                    loaded = loaded[source.split]
+                return loaded, where
+            return datasets.load_dataset(str(path), source.subset, split=source.split), where
+        if path.is_absolute() or source.path.startswith("."):
+            raise DataError(f"{where}: data path not found (source '{source.name}')",
+                            hint="check data.sources[].path; relative paths start at the config file's folder")
+        return datasets.load_dataset(source.path, source.subset, split=source.split), where
+    except DataError:
+        raise
+    except ValueError as e:
+        message = _first_line(e)
+        if "split" in message.lower():
+            raise DataError(f"{where}: unknown split '{source.split}' ({message})",
+                            hint="set data.sources[].split to a split the dataset has") from None
+        raise DataError(f"{where}: cannot load ({message})", hint="check the source's path and subset") from None
+    except Exception as e:  # hub unreachable, offline mode, missing repo, ...
+        raise DataError(f"{where}: cannot load dataset ({type(e).__name__}: {_first_line(e)})",
+                        hint="a hub id needs network access (or a warm HF cache); else use a local file") from None
+
+
+def _raise_bad_json_line(path: Path) -> None:
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{lineno}: invalid UTF-8 at byte {e.start}",
+                                hint="re-encode the file as UTF-8") from None
+            if path.suffix == ".jsonl" and line.strip():
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}:{lineno}: malformed JSON ({e.msg}, column {e.colno})",
+                                    hint="each line must be one JSON object") from None
+                if not isinstance(obj, dict):
+                    raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}",
+                                    hint="each line must be one JSON object") from None
+    raise DataError(f"{path}: cannot parse as JSON rows", hint="rows must share the same keys and types")
+
+
+def _first_line(e: Exception) -> str:
+    return " ".join(str(e).strip().split("\n")[0].split())[:300]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Formats
+
+
+def detect_format(columns: set[str], where: str) -> str:
+    if {"question", "chosen", "rejected"} <= columns:
+        return "orca"
+    if {"chosen", "rejected"} <= columns and ({"chosen-rating", "rejected-rating"} & columns):
+        return "argilla"
+    if {"chosen", "rejected"} <= columns and ({"score_chosen", "score_rejected", "prompt_id"} & columns):
+        return "ultrafeedback"
+    if {"chosen", "rejected"} <= columns:
+        return "preference"
+    raise DataError(f"{where}: cannot detect the format from columns {sorted(columns)}",
+                    hint="set format: columns and map them, e.g. columns: {prompt: q, chosen: good, rejected: bad}")
+
+
+REQUIRED = {"orca": {"question", "chosen", "rejected"}, "ultrafeedback": {"chosen", "rejected"},
+            "argilla": {"chosen", "rejected"}, "preference": {"chosen", "rejected"}}
+
+
+def _check_columns(fmt: str, columns: set[str], source: SourceConfig, where: str) -> None:
+    if fmt == "columns":
+        mapping = dict(source.columns or {})
+        unknown_roles = set(mapping) - {"prompt", "chosen", "rejected", "system"}
+        if unknown_roles:
+            raise DataError(f"{where}: columns: unknown key(s) {sorted(unknown_roles)}",
+                            hint="map only prompt, chosen, rejected and system")
+        for role in ("chosen", "rejected"):
+            if role not in mapping:
+                raise DataError(f"{where}: columns: no mapping for '{role}'", hint=f"add columns.{role}: <column>")
+        need = set(mapping.values())
+    else:
+        need = REQUIRED[fmt]
+    missing = sorted(need - columns)
+    if missing:
+        raise DataError(f"{where}: missing column(s) {missing} for format '{fmt}' (has {sorted(columns)})",
+                        hint="set the source's format, or map columns with format: columns")
+
+
+class _BadRow(Exception):
+    def __init__(self, key: str, message: str):
+        super().__init__(message)
+        self.key = key
+
+
+def _text(row: dict, key: str) -> str:
+    value = row.get(key)
+    if not isinstance(value, str):
+        raise _BadRow(key, f"expected a string, got {type(value).__name__}")
+    return value
+
+
+def _messages(value: Any, key: str) -> list[dict]:
+    if not isinstance(value, list) or not all(isinstance(m, dict) for m in value):
+        raise _BadRow(key, f"expected a list of messages, got {type(value).__name__}")
+    out = []
+    for m in value:
+        if not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise _BadRow(key, "every message needs string 'role' and 'content'")
+        out.append({"role": m["role"], "content": m["content"]})
+    return out
+
+
+def _reply(messages: list[dict], key: str) -> str:
+    if len(messages) != 1 or messages[0]["role"] != "assistant":
+        raise _BadRow(key, "the completion must be exactly one assistant message")
+    return messages[0]["content"]
+
+
+def _split_conversations(chosen: list[dict], rejected: list[dict]) -> tuple[list[dict], str, str]:
+    """Full conversations -> (shared prompt messages, chosen reply, rejected reply)."""
+    if not chosen or chosen[-1]["role"] != "assistant":
+        raise _BadRow("chosen", "the conversation must end with an assistant message")
+    if not rejected or rejected[-1]["role"] != "assistant":
+        raise _BadRow("rejected", "the conversation must end with an assistant message")
+    if chosen[:-1] != rejected[:-1]:
+        raise _Skip("chosen and rejected prompts differ")
+    return chosen[:-1], chosen[-1]["content"], rejected[-1]["content"]
+
+
+def _orca(row: dict, source: SourceConfig):
+    system = row.get("system")
+    if system is not None and not isinstance(system, str):
+        raise _BadRow("system", f"expected a string, got {type(system).__name__}")
+    prompt = ([{"role": "system", "content": system}] if system and system.strip() else [])
+    prompt.append({"role": "user", "content": _text(row, "question")})
+    return prompt, _text(row, "chosen"), _text(row, "rejected"), "chat"
+
+
+def _ultrafeedback(row: dict, source: SourceConfig):
+    # chosen/rejected hold the whole conversation (user turn(s) + the assistant reply); the prompt is the shared
+    # prefix. Scores are not used by DPO; a NaN score marks a broken row upstream.
+    for key in ("score_chosen", "score_rejected", "chosen-rating", "rejected-rating"):
+        score = row.get(key, 0.0)
+        if score is None or (isinstance(score, float) and math.isnan(score)):
+            raise _Skip(f"missing or NaN {key}")
+    prompt, chosen, rejected = _split_conversations(_messages(row["chosen"], "chosen"),
+                                                    _messages(row["rejected"], "rejected"))
+    return prompt, chosen, rejected, "chat"
+
+
+def _preference(row: dict, source: SourceConfig):
+    chosen, rejected, prompt = row["chosen"], row["rejected"], row.get("prompt")
+    if isinstance(chosen, str) and isinstance(rejected, str):
+        if prompt is None:  # implicit prompt: TRL's extract_prompt (common prefix, minus a trailing space)
+            prompt, chosen, rejected = _common_text_prefix(chosen, rejected)
+        if not isinstance(prompt, str):
+            raise _BadRow("prompt", f"expected a string for text rows, got {type(prompt).__name__}")
+        # Raw text rows, as TRL treats them: no chat template; the tokenizer adds its BOS; EOS is appended later.
+        return [{"role": "user", "content": prompt}], chosen, rejected, "raw"
+    chosen_m, rejected_m = _messages(chosen, "chosen"), _messages(rejected, "rejected")
+    if isinstance(prompt, list):
+        return _messages(prompt, "prompt"), _reply(chosen_m, "chosen"), _reply(rejected_m, "rejected"), "chat"
+    # implicit prompt in message lists (a string `prompt` column next to full conversations is ignored, like TRL)
+    p, c, r = _split_conversations(chosen_m, rejected_m)
+    return p, c, r, "chat"
+
+
+def _common_text_prefix(chosen: str, rejected: str) -> tuple[str, str, str]:
+    idx = 0
+    limit = min(len(chosen), len(rejected))
+    while idx < limit and chosen[idx] == rejected[idx]:
+        idx += 1
+    if 0 < idx < limit and chosen[idx - 1] == " ":
+        idx -= 1
+    return chosen[:idx], chosen[idx:], rejected[idx:]
+
+
+def _columns(row: dict, source: SourceConfig):
+    mapping = dict(source.columns or {})
+    mapped = {"chosen": row[mapping["chosen"]], "rejected": row[mapping["rejected"]]}
+    if "prompt" in mapping:
+        mapped["prompt"] = row[mapping["prompt"]]
+    if isinstance(mapped.get("prompt"), str) and isinstance(mapped["chosen"], str):
+        # A mapped instruction column is a user turn, like orca's question.
+        system = row.get(mapping["system"]) if "system" in mapping else None
+        return _orca({"system": system, "question": mapped["prompt"], "chosen": mapped["chosen"],
+                      "rejected": mapped["rejected"]}, source)
+    return _preference(mapped, source)
+
+
+CONVERTERS = {"orca": _orca, "ultrafeedback": _ultrafeedback, "argilla": _ultrafeedback,
+              "preference": _preference, "columns": _columns}
+
+
+def _check_text(prompt: list[dict], chosen: str, rejected: str) -> None:
+    if not chosen.strip() or not rejected.strip():
+        raise _Skip("empty chosen or rejected")
+    if not prompt or not any(m["content"].strip() for m in prompt):
+        raise _Skip("empty prompt")
+    if chosen == rejected:
+        raise _Skip("chosen identical to rejected")

@@ -1,0 +1,73 @@
+"""What every stage is computed from, as one short hash per stage (recorded in its meta.json).
+
+A finished artifact whose recorded fingerprint differs from the one below was made from another configuration or
+other inputs: stages refuse to build on it (and `run` refuses to skip it) until it is redone with `--force`.
+
+    split       data + split config, seed, tokenizer, the sources' contents (local) or names (hub)
+    reflogp t   data/step-t, the reference model's identity, the numerics (dtype, attention, precision);
+                gamma's cached log-probs use the same hash, so it reuses reflogp results
+    train t     data/step-t, reflogp/step-t, the target's initial model, dpo + train config, seed, numerics
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from sdpo_cli.config import SdpoConfig, section
+from sdpo_cli.models import model_identity, reference_model, target_init_model, tokenizer_identity
+from sdpo_cli.rundir import RunDir, file_fingerprint, fingerprint, read_meta
+
+
+def source_identity(path: str, split: str, subset: str | None) -> str:
+    local = Path(path)
+    if local.exists():
+        return file_fingerprint(local)
+    return fingerprint(path, split, subset)  # a hub dataset: its name and split
+
+
+def numerics(cfg: SdpoConfig) -> list:
+    return [cfg.model.dtype, cfg.model.attn_implementation, cfg.train.mixed_precision]
+
+
+def split_fp(cfg: SdpoConfig, tok) -> str:
+    sources = [source_identity(s.path, s.split, s.subset) for s in cfg.data.sources]
+    eval_source = source_identity(cfg.data.eval.path, cfg.data.eval.split, cfg.data.eval.subset) \
+        if cfg.data.eval else None
+    curriculum = [model_identity(cfg.model.base), numerics(cfg)] if cfg.split.strategy == "curriculum" else None
+    return fingerprint("split", section(cfg, "data", "split"), cfg.seed, tokenizer_identity(tok), sources,
+                       eval_source, curriculum)
+
+
+def data_fp(run: RunDir, step: int | str) -> str | None:
+    meta = read_meta(run.data(step))
+    return meta.get("fingerprint") if meta else None
+
+
+def logps_fp(cfg: SdpoConfig, data_identity: str | None, model: str) -> str:
+    """Log-probs of one dataset under one model: the same computation whether `reflogp` or `gamma` asks for it."""
+    return fingerprint("logps", data_identity, model_identity(model), numerics(cfg))
+
+
+def reflogp_fp(cfg: SdpoConfig, run: RunDir, step: int) -> str:
+    return logps_fp(cfg, data_fp(run, step), reference_model(cfg, run, step))
+
+
+def train_fp(cfg: SdpoConfig, run: RunDir, step: int) -> str:
+    reflogp = read_meta(run.reflogp(step)) or {}
+    return fingerprint("train", data_fp(run, step), reflogp.get("fingerprint"),
+                       model_identity(target_init_model(cfg, run, step)), section(cfg, "dpo", "train"), cfg.seed,
+                       numerics(cfg))
+
+
+def require_data(cfg: SdpoConfig, run: RunDir, step: int | str, tok) -> Path:
+    """data/step-t, finished and made from the current config; else an error that says how to redo it."""
+    from sdpo_cli.errors import ArtifactError
+
+    path = run.data(step)
+    meta = read_meta(path)
+    if meta is None:
+        raise ArtifactError(f"{path}: step data not found", hint="sdpo split CONFIG")
+    if meta.get("fingerprint") != split_fp(cfg, tok):
+        raise ArtifactError(f"{path} is stale: the data/split config, tokenizer or source files changed since it "
+                            "was written", hint="sdpo split CONFIG --force  # then redo the later stages")
+    return path

@@ -1,0 +1,116 @@
+"""Stage `gamma`: mean γ = log π(y_w|x) − log π(y_l|x) of checkpoints on a dataset, the paper's Fig. 2.
+
+Run as: sdpo gamma CONFIG [--checkpoint base|step-N|PATH ...] [--data step-N|eval|PATH] [--json] [--plot FILE]
+
+Used as a reference, a model with a higher mean γ is a stricter lower bound for DPO (sDPO §2.2); the paper reports
+−38.60 (S), −25.10 (M_1) and 84.35 (M_2) on UltraFeedback. Defaults: every finished checkpoint (base, step-1..T)
+on the last step's data. Log-probs already computed by `reflogp` for the same model and data are reused; others are
+cached under cache/logps/ so a second call is instant.
+"""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+
+from sdpo_cli import console
+from sdpo_cli.config import SdpoConfig, SourceConfig, num_steps
+from sdpo_cli.data.formats import load_pairs
+from sdpo_cli.data.tokenize import tokenize_pairs
+from sdpo_cli.errors import ConfigError, DataError
+from sdpo_cli.fingerprints import data_fp, logps_fp, require_data
+from sdpo_cli.models import disable_dropout, load_model, load_tokenizer, named_model
+from sdpo_cli.rundir import RunDir, file_fingerprint, read_meta, write_json_atomic, writing
+
+
+def run_gamma(cfg: SdpoConfig, checkpoints: list[str] | None = None, data: str | None = None) -> list[dict]:
+    """One summary per checkpoint: {checkpoint, data, n, mean, std, median, frac_positive}."""
+    import datasets
+
+    run = RunDir(cfg.run_dir)
+    tok = load_tokenizer(cfg.model)
+    data = data or f"step-{num_steps(cfg)}"
+    pairs, data_identity = _load_data(cfg, run, data, tok)
+    if checkpoints is None:
+        checkpoints = ["base"] + [f"step-{t}" for t in range(1, num_steps(cfg) + 1)
+                                  if read_meta(run.checkpoint(t)) is not None]
+    results = []
+    model_cache = None
+    for name in checkpoints:
+        label, source = named_model(cfg, run, name)
+        fp = logps_fp(cfg, data_identity, source)
+        gammas = _reuse(run, fp)
+        if gammas is None:
+            model_cache = model_cache or _Scorer(cfg, tok)
+            gammas = model_cache.gammas(source, pairs, f"γ {label} on {data}")
+            cached = run.cache / "logps" / f"{_safe(label)}--{_safe(data)}"
+            with writing(cached, {"stage": "gamma", "fingerprint": fp, "model": source, "data": data,
+                                  "rows": len(gammas)}) as tmp:
+                datasets.Dataset.from_dict({"id": pairs["id"], "gamma": gammas}).save_to_disk(str(tmp))
+        results.append(summarize(label, data, gammas))
+    write_json_atomic(run.reports / "gamma.json", results)
+    return results
+
+
+def summarize(checkpoint: str, data: str, gammas: list[float]) -> dict:
+    return {"checkpoint": checkpoint, "data": data, "n": len(gammas), "mean": statistics.fmean(gammas),
+            "std": statistics.pstdev(gammas), "median": statistics.median(gammas),
+            "frac_positive": sum(g > 0 for g in gammas) / len(gammas)}
+
+
+def _load_data(cfg: SdpoConfig, run: RunDir, data: str, tok):
+    import datasets
+
+    if data == "eval" or (data.startswith("step-") and data[5:].isdigit()):
+        key: int | str = "eval" if data == "eval" else int(data[5:])
+        if key == "eval" and not cfg.data.eval:
+            raise ConfigError("--data eval: the config has no data.eval source", hint="add data.eval, or --data step-N")
+        path = require_data(cfg, run, key, tok)
+        return datasets.load_from_disk(str(path)), data_fp(run, key)
+    path = Path(data)
+    if not path.exists():
+        raise DataError(f"--data {data}: not step-N, eval or an existing file", hint="e.g. --data step-2")
+    loaded = load_pairs(SourceConfig(name=path.stem, path=str(path.resolve())))
+    kept, _ = tokenize_pairs(tok, loaded.pairs, cfg.data.max_length, cfg.data.max_prompt_length)
+    if not kept:
+        raise DataError(f"{path}: no pair fits data.max_length", hint="raise data.max_length")
+    identity = f"{file_fingerprint(path)}:{cfg.data.max_length}:{cfg.data.max_prompt_length}"
+    return datasets.Dataset.from_list(kept), identity
+
+
+def _reuse(run: RunDir, fp: str) -> list[float] | None:
+    """γ from a finished reflogp or an earlier gamma call that did this very computation."""
+    import datasets
+
+    candidates = sorted(run.root.glob("reflogp/step-*")) + sorted((run.cache / "logps").glob("*"))
+    for path in candidates:
+        meta = read_meta(path)
+        if meta and meta.get("fingerprint") == fp:
+            table = datasets.load_from_disk(str(path))
+            return list(table["gamma_ref" if "gamma_ref" in table.column_names else "gamma"])
+    return None
+
+
+class _Scorer:
+    """Loads each checkpoint in turn on the accelerator's device and scores the pairs."""
+
+    def __init__(self, cfg: SdpoConfig, tok):
+        from accelerate import Accelerator
+
+        self.cfg, self.tok = cfg, tok
+        self.accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision)
+
+    def gammas(self, source: str, pairs, description: str) -> list[float]:
+        from sdpo_cli.logprobs import score_pairs
+
+        model = load_model(self.cfg.model, source).to(self.accelerator.device)
+        disable_dropout(model)
+        with console.progress() as bar:
+            chosen, rejected = score_pairs(model, pairs, self.tok.pad_token_id, self.cfg.inference.batch_size,
+                                           self.accelerator.device, self.accelerator.autocast, bar, description)
+        del model
+        return [c - r for c, r in zip(chosen, rejected)]
+
+
+def _safe(name: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)[-80:]

@@ -1,0 +1,181 @@
+"""Loading and saving models and tokenizers: any causal LM, by hub id or local folder.
+
+The tokenizer is always the base model's (M_0's), completed where it lacks a pad token or a chat template, and saved
+with every checkpoint so that M_t loads with plain transformers and renders prompts exactly as training did.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from sdpo_cli.config import ModelConfig
+from sdpo_cli.errors import ConfigError, SdpoError
+from sdpo_cli.rundir import fingerprint
+
+# Built-in chat templates for tokenizers that ship none. Each renders the generation prompt as an exact prefix of
+# the full conversation, and ends an assistant turn with EOS so that the completion teaches the model to stop.
+CHAT_TEMPLATES = {
+    # SOLAR-10.7B-Instruct (the paper's family): "### User:\n...\n\n### Assistant:\n"
+    "solar": (
+        "{{ bos_token if bos_token else '' }}{% for m in messages %}"
+        "{% if m['role'] == 'system' %}{{ '### System:\n' + m['content'] + '\n\n' }}"
+        "{% elif m['role'] == 'user' %}{{ '### User:\n' + m['content'] + '\n\n' }}"
+        "{% elif m['role'] == 'assistant' %}{{ '### Assistant:\n' + m['content'] + eos_token }}"
+        "{% endif %}{% endfor %}{% if add_generation_prompt %}{{ '### Assistant:\n' }}{% endif %}"
+    ),
+    "chatml": (
+        "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+    ),
+    "zephyr": (
+        "{% for m in messages %}{{ '<|' + m['role'] + '|>\n' + m['content'] + eos_token + '\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
+    ),
+}
+DEFAULT_CHAT_TEMPLATE = "solar"
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def _hub_kwargs(cfg: ModelConfig) -> dict:
+    return {"revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code}
+
+
+def load_tokenizer(cfg: ModelConfig, path: str | None = None):
+    """The tokenizer of `path` (default: the base model), with pad token and chat template filled in if missing."""
+    from transformers import AutoTokenizer
+
+    source = path or cfg.base
+    try:
+        tok = AutoTokenizer.from_pretrained(source, **_hub_kwargs(cfg))
+    except (OSError, ValueError) as e:
+        raise SdpoError(f"{source}: cannot load a tokenizer ({_first_line(e)})",
+                        hint="model.base must be a hub id or a folder with tokenizer files") from None
+    if tok.pad_token is None:
+        # Padding never reaches the loss (masks come from token counts), so any existing token will do.
+        tok.pad_token = cfg.pad_token or tok.unk_token or tok.eos_token
+        if tok.pad_token is None:
+            raise ConfigError(f"{source}: tokenizer has no pad, unk or eos token", hint="set model.pad_token=<token>")
+    if not tok.chat_template:
+        template = cfg.chat_template or DEFAULT_CHAT_TEMPLATE
+        tok.chat_template = CHAT_TEMPLATES.get(template, template)
+    elif cfg.chat_template:
+        tok.chat_template = CHAT_TEMPLATES.get(cfg.chat_template, cfg.chat_template)
+    if tok.eos_token is None:
+        raise ConfigError(f"{source}: tokenizer has no EOS token", hint="use a tokenizer that defines eos_token")
+    return tok
+
+
+def load_model(cfg: ModelConfig, path: str | Path | None = None, *, train: bool = False):
+    """A causal LM from a hub id or folder; dropout is left to the caller, eval mode unless `train`."""
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # our own progress bars say what is loading
+
+    source = str(path or cfg.base)
+    kwargs = dict(_hub_kwargs(cfg))
+    kwargs["dtype"] = "auto" if cfg.dtype == "auto" else DTYPES[cfg.dtype]
+    if cfg.attn_implementation:
+        kwargs["attn_implementation"] = cfg.attn_implementation
+    if not cfg.allow_pickle:
+        kwargs["use_safetensors"] = True  # pickle checkpoints can run code on load
+    local = Path(source)
+    if local.exists() and not local.is_dir():
+        raise SdpoError(f"{source}: expected a model folder, found a file", hint="point to the folder with config.json")
+    if local.is_dir() and not any(local.glob("*.safetensors")) and not cfg.allow_pickle:
+        if any(local.glob("*.bin")) or any(local.glob("*.pt")):
+            raise SdpoError(f"{source}: only pickle weights (.bin/.pt) found; refusing to load them",
+                            hint="convert to safetensors, or set model.allow_pickle=true if you trust the file")
+        raise SdpoError(f"{source}: no model weights (*.safetensors) in this folder",
+                        hint="point model.base to a folder saved with save_pretrained")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    except (OSError, ValueError) as e:
+        raise SdpoError(f"{source}: cannot load the model ({_first_line(e)})",
+                        hint="model.base must be a hub id or a folder with config.json and weights") from None
+    model.config.use_cache = False  # never needed here, and the cache defeats packed-sequence masks
+    model.train(train)
+    return model
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+
+
+def model_identity(source: str) -> str:
+    """A fingerprint of a model source: its meta.json fingerprint if we made it, else its files or hub id."""
+    path = Path(source)
+    meta = path / "meta.json"
+    if meta.is_file():
+        import json
+
+        return json.loads(meta.read_text()).get("fingerprint", "")
+    if path.is_dir():
+        files = sorted((p.name, p.stat().st_size) for p in path.iterdir() if p.is_file())
+        config = (path / "config.json").read_text() if (path / "config.json").is_file() else ""
+        return fingerprint(os.path.abspath(source), files, config)
+    return fingerprint(source)
+
+
+def tokenizer_identity(tok) -> str:
+    return fingerprint(sorted(tok.get_vocab().items()), tok.chat_template, tok.eos_token, tok.bos_token)
+
+
+def _first_line(e: Exception) -> str:
+    return " ".join(str(e).strip().split("\n")[0].split())[:300]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Which model plays which role (sDPO §2.2): at step t the reference and the target both start from M_{t-1}.
+
+
+def previous_model(cfg, run, step: int) -> str:
+    """M_{t-1}: the base model S for step 1, else the checkpoint of step t-1 (which must be finished)."""
+    from sdpo_cli.errors import ArtifactError
+    from sdpo_cli.rundir import read_meta
+
+    if step == 1:
+        return cfg.model.base
+    path = run.checkpoint(step - 1)
+    if read_meta(path) is None:
+        raise ArtifactError(f"{path}: M_{step - 1} not found, but step {step} starts from it",
+                            hint=f"sdpo train CONFIG --step {step - 1}  # or sdpo run CONFIG")
+    return str(path)
+
+
+def reference_model(cfg, run, step: int) -> str:
+    """π_ref of step t per dpo.reference: previous (M_{t-1}) | base (S) | a path or hub id (paper Table 1)."""
+    if cfg.dpo.reference == "previous":
+        return previous_model(cfg, run, step)
+    if cfg.dpo.reference == "base":
+        return cfg.model.base
+    return cfg.dpo.reference
+
+
+def target_init_model(cfg, run, step: int) -> str:
+    """Where the target of step t starts, per dpo.target_init: previous (M_{t-1}) | base (S) (paper §3.5)."""
+    return previous_model(cfg, run, step) if cfg.dpo.target_init == "previous" else cfg.model.base
+
+
+def named_model(cfg, run, name: str) -> tuple[str, str]:
+    """A checkpoint named on the command line -> (label, source): base | step-N | a path."""
+    from sdpo_cli.errors import ArtifactError, ConfigError
+    from sdpo_cli.rundir import read_meta
+
+    if name == "base":
+        return "base", cfg.model.base
+    if name.startswith("step-") and name[5:].isdigit():
+        path = run.checkpoint(int(name[5:]))
+        if read_meta(path) is None:
+            raise ArtifactError(f"{path}: checkpoint {name} not found", hint=f"sdpo train CONFIG --step {name[5:]}")
+        return name, str(path)
+    if Path(name).exists():
+        return name, str(Path(name).resolve())
+    raise ConfigError(f"--checkpoint {name}: not base, step-N or an existing path", hint="e.g. --checkpoint step-1")

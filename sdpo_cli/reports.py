@@ -1,0 +1,62 @@
+"""Pictures for reports/: mean γ per checkpoint (the paper's Fig. 2) and the loss per update of each step.
+
+matplotlib is imported lazily with the file-only Agg backend, so no display is needed.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_gamma(results: list[dict], path: Path, title: str | None = None) -> Path:
+    """Bar chart of mean γ (with ± std whiskers) for each checkpoint on one dataset."""
+    plt = _pyplot()
+    labels = [r["checkpoint"] for r in results]
+    means = [r["mean"] for r in results]
+    stds = [r["std"] for r in results]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    bars = ax.bar(labels, means, yerr=stds, capsize=4, color=["#8c8c8c", "#4c72b0", "#dd8452", "#55a868"][: len(labels)]
+                  + ["#4c72b0"] * max(0, len(labels) - 4))
+    ax.bar_label(bars, labels=[f"{m:.2f}" for m in means], padding=3)
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_xlabel("checkpoint used as reference")
+    ax.set_ylabel("mean γ = log π(chosen) − log π(rejected)")
+    data = results[0]["data"] if results else ""
+    ax.set_title(title or f"Mean γ on {data} (sDPO Fig. 2 analogue, n={results[0]['n'] if results else 0})")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def read_log(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_losses(curves: dict[str, list[dict]], path: Path, title: str = "DPO loss per update") -> Path:
+    """One line per labelled training log (a list of logged records with 'update' and 'loss')."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for label, records in curves.items():
+        ax.plot([r["update"] for r in records], [r["loss"] for r in records], marker="o", markersize=3, label=label)
+    ax.axhline(0.693147, color="gray", linestyle="--", linewidth=0.8, label="ln 2")
+    ax.set_xlabel("update (optimizer step) within the sDPO step")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -1,0 +1,175 @@
+"""Stage `split`: read the sources, tokenise every pair once, and write the step datasets D_1..D_T.
+
+Run as: sdpo split CONFIG [key=value ...]
+
+Strategies (split.strategy):
+  natural     each step is a list of whole sources, in order: the paper's main setting (D_1 = OrcaPairs,
+              D_2 = UltraFeedback, §2.2)
+  stratified  every step keeps the sources' proportions, cut by split.fractions (the paper's "sDPO Strat.",
+              16.67 % / 83.33 %)
+  random      all pairs pooled, shuffled, cut by split.fractions
+  curriculum  pairs ordered easy -> hard by γ under the base model S (high γ: S already prefers the chosen reply),
+              then cut by split.fractions: an easy-to-hard reading of §2.2 beyond the paper's data-source split
+
+Token ids are stored next to the text so that reflogp, train and gamma read the very same tokens: no tokenisation
+drift between stages (the ln 2 check at update 0 verifies it).
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter, defaultdict
+from pathlib import Path
+
+from rich.table import Table
+
+from sdpo_cli import console
+from sdpo_cli.config import SdpoConfig, num_steps
+from sdpo_cli.data.formats import LoadedSource, load_pairs, prompt_hash
+from sdpo_cli.data.tokenize import tokenize_pairs
+from sdpo_cli.errors import DataError
+from sdpo_cli.fingerprints import split_fp
+from sdpo_cli.models import load_tokenizer
+from sdpo_cli.rundir import RunDir, check_not_stale, read_meta, writing
+
+
+def data_paths(cfg: SdpoConfig, run: RunDir) -> list[Path]:
+    paths = [run.data(t) for t in range(1, num_steps(cfg) + 1)]
+    return paths + ([run.data("eval")] if cfg.data.eval else [])
+
+
+def run_split(cfg: SdpoConfig, force: bool = False) -> list[Path]:
+    run = RunDir(cfg.run_dir)
+    run.ensure()
+    tok = load_tokenizer(cfg.model)
+    fp = split_fp(cfg, tok)
+    paths = data_paths(cfg, run)
+    if not force and all(check_not_stale(p, fp, "sdpo split CONFIG") for p in paths):
+        console.info(f"split: finished already ({run.rel(paths[0].parent)}), skipping")
+        return paths
+
+    loaded = [load_pairs(s) for s in cfg.data.sources]
+    with console.progress() as bar:
+        counts: dict[str, Counter] = {}
+        pools: dict[str, list[dict]] = {}
+        for src in loaded:
+            kept, dropped = tokenize_pairs(tok, src.pairs, cfg.data.max_length, cfg.data.max_prompt_length, bar)
+            pools[src.name] = kept
+            counts[src.name] = Counter(read=src.rows_read, kept=len(kept), dropped_too_long=dropped,
+                                       truncated=sum(p["truncated"] for p in kept), **src.skipped)
+        steps = _assign(cfg, pools, tok, bar)
+    for t, rows in enumerate(steps, start=1):
+        if not rows:
+            raise DataError(f"split: step {t} has no rows (strategy {cfg.split.strategy})",
+                            hint="check split.steps / split.fractions and the sources' sizes")
+
+    overlap = _overlap(steps)
+    _print_table(cfg, steps, counts, overlap)
+    for t, rows in enumerate(steps, start=1):
+        meta = {"stage": "split", "step": t, "fingerprint": fp, "strategy": cfg.split.strategy, "rows": len(rows),
+                "rows_per_source": dict(Counter(r["source"] for r in rows)),
+                "sources": {n: dict(c) for n, c in counts.items()}, "overlap": overlap}
+        _save(rows, run.data(t), meta)
+    if cfg.data.eval:
+        src: LoadedSource = load_pairs(cfg.data.eval)
+        kept, dropped = tokenize_pairs(tok, src.pairs, cfg.data.max_length, cfg.data.max_prompt_length)
+        if not kept:
+            raise DataError(f"{src.where}: no eval pair fits data.max_length", hint="raise data.max_length")
+        meta = {"stage": "split", "step": "eval", "fingerprint": fp, "rows": len(kept),
+                "sources": {src.name: dict(Counter(read=src.rows_read, kept=len(kept), dropped_too_long=dropped,
+                                                   **src.skipped))}}
+        _save(kept, run.data("eval"), meta)
+    for p in paths:
+        console.info(f"split: wrote {p} ({read_meta(p)['rows']} pairs)")
+    return paths
+
+
+def _save(rows: list[dict], path: Path, meta: dict) -> None:
+    import datasets
+
+    with writing(path, meta) as tmp:
+        datasets.Dataset.from_list(rows).save_to_disk(str(tmp))
+
+
+def _cut(items: list, fractions: list[float]) -> list[list]:
+    n, bounds, acc = len(items), [0], 0.0
+    for f in fractions:
+        acc += f
+        bounds.append(round(acc * n))
+    bounds[-1] = n
+    return [items[a:b] for a, b in zip(bounds, bounds[1:])]
+
+
+def _assign(cfg: SdpoConfig, pools: dict[str, list[dict]], tok, bar) -> list[list[dict]]:
+    rng = random.Random(cfg.seed)
+    strategy, fractions = cfg.split.strategy, cfg.split.fractions
+    if strategy == "natural":
+        plan = cfg.split.steps or [[s.name] for s in cfg.data.sources]
+        unused = [n for n in pools if not any(n in step for step in plan)]
+        if unused:
+            console.warn(f"split: source(s) {unused} are not in any step of split.steps")
+        return [[row for name in step for row in pools[name]] for step in plan]
+    if strategy == "stratified":
+        steps: list[list[dict]] = [[] for _ in fractions]
+        for name in pools:  # each source is cut by the same fractions, so each step keeps the proportions
+            rows = pools[name][:]
+            rng.shuffle(rows)
+            for t, part in enumerate(_cut(rows, fractions)):
+                steps[t].extend(part)
+        for rows in steps:
+            rng.shuffle(rows)
+        return steps
+    pooled = [row for name in pools for row in pools[name]]
+    if strategy == "random":
+        rng.shuffle(pooled)
+        return _cut(pooled, fractions)
+    # curriculum: γ under the base model S, easy (high γ) first
+    gammas = _base_gammas(cfg, pooled, tok, bar)
+    for row, g in zip(pooled, gammas):
+        row["gamma_base"] = g
+    order = sorted(range(len(pooled)), key=lambda i: -gammas[i])
+    return _cut([pooled[i] for i in order], fractions)
+
+
+def _base_gammas(cfg: SdpoConfig, pairs: list[dict], tok, bar) -> list[float]:
+    from accelerate import Accelerator
+
+    from sdpo_cli.logprobs import score_pairs
+    from sdpo_cli.models import disable_dropout, load_model
+
+    accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision)
+    model = load_model(cfg.model).to(accelerator.device)
+    disable_dropout(model)
+    chosen, rejected = score_pairs(model, pairs, tok.pad_token_id, cfg.inference.batch_size, accelerator.device,
+                                   accelerator.autocast, bar, "curriculum: γ under base")
+    return [c - r for c, r in zip(chosen, rejected)]
+
+
+def _overlap(steps: list[list[dict]]) -> dict:
+    """Pairs and prompts that occur in more than one step (the paper warns about reference/data overlap)."""
+    pair_steps, prompt_steps = defaultdict(set), defaultdict(set)
+    for t, rows in enumerate(steps, start=1):
+        for row in rows:
+            pair_steps[row["pair_hash"]].add(t)
+            prompt_steps[prompt_hash(row["prompt"])].add(t)
+    return {"pairs_in_several_steps": sum(len(s) > 1 for s in pair_steps.values()),
+            "prompts_in_several_steps": sum(len(s) > 1 for s in prompt_steps.values())}
+
+
+def _print_table(cfg: SdpoConfig, steps: list[list[dict]], counts: dict[str, Counter], overlap: dict) -> None:
+    names = list(counts)
+    table = Table(title=f"sDPO steps ({cfg.split.strategy})", title_justify="left")
+    table.add_column("step")
+    for name in names:
+        table.add_column(name, justify="right")
+    table.add_column("total", justify="right")
+    for t, rows in enumerate(steps, start=1):
+        per = Counter(r["source"] for r in rows)
+        table.add_row(f"D_{t}", *[str(per.get(n, 0)) for n in names], str(len(rows)))
+    console.console.print(table)
+    for name, c in counts.items():
+        skipped = {k: v for k, v in c.items() if k not in ("read", "kept", "truncated", "dropped_too_long") and v}
+        console.info(f"  {name}: read {c['read']}, kept {c['kept']}, truncated {c['truncated']}, "
+                     f"dropped (too long) {c['dropped_too_long']}" + (f", skipped {skipped}" if skipped else ""))
+    console.info(f"  pairs in more than one step: {overlap['pairs_in_several_steps']}; "
+                 f"prompts in more than one step: {overlap['prompts_in_several_steps']}")

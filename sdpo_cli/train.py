@@ -1,0 +1,245 @@
+"""Stage `train`: one DPO step of sDPO, D_t with the target initialised from M_{t-1}; writes M_t.
+
+Run as: sdpo train CONFIG --step T [key=value ...]
+
+The reference log-probs come from reflogp/step-t, so no reference model is held in memory. At update 0 the target
+equals the reference (both are M_{t-1}), so every margin is 0 and the sigmoid loss is ln 2: we log that and warn
+loudly if it is off, because it catches tokenisation or numerics drift between `reflogp` and `train`.
+
+Vocabulary: an *update* is one optimizer step (gradient_accumulation micro-batches); a *step* is an sDPO step.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from sdpo_cli import console
+from sdpo_cli.config import SdpoConfig, num_steps, section
+from sdpo_cli.errors import ArtifactError, ConfigError
+from sdpo_cli.fingerprints import reflogp_fp, require_data, train_fp
+from sdpo_cli.logprobs import collate_pairs, completion_logps
+from sdpo_cli.loss import dpo_losses, loss_at_equal_models
+from sdpo_cli.models import disable_dropout, load_model, load_tokenizer, reference_model, target_init_model
+from sdpo_cli.rundir import RunDir, check_not_stale, read_meta, writing
+
+METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
+           "logps/rejected", "gamma/policy", "gamma/ref")
+
+
+def run_train(cfg: SdpoConfig, step: int, force: bool = False) -> Path:
+    import datasets
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from transformers import get_scheduler
+
+    run = RunDir(cfg.run_dir)
+    if not 1 <= step <= num_steps(cfg):
+        raise ConfigError(f"--step {step}: this config has steps 1..{num_steps(cfg)}", hint="pick a step in range")
+    tok = load_tokenizer(cfg.model)
+    data_path = require_data(cfg, run, step, tok)
+    ref_path = run.reflogp(step)
+    ref_meta = read_meta(ref_path)
+    if ref_meta is None:
+        raise ArtifactError(f"{ref_path}: reference log-probs not found", hint=f"sdpo reflogp CONFIG --step {step}")
+    if ref_meta.get("fingerprint") != reflogp_fp(cfg, run, step):
+        raise ArtifactError(f"{ref_path} is stale: its data or reference model changed",
+                            hint=f"sdpo reflogp CONFIG --step {step} --force")
+    out = run.checkpoint(step)
+    fp = train_fp(cfg, run, step)
+    if not force and check_not_stale(out, fp, f"sdpo train CONFIG --step {step}"):
+        console.info(f"train step {step}: finished already ({run.rel(out)}), skipping")
+        return out
+
+    # ---- data: the step's pairs joined with their reference log-probs (same rows, same order)
+    pairs = datasets.load_from_disk(str(data_path))
+    refs = datasets.load_from_disk(str(ref_path))
+    if pairs["id"] != refs["id"]:
+        raise ArtifactError(f"{ref_path}: rows do not match {data_path}",
+                            hint=f"sdpo reflogp CONFIG --step {step} --force")
+    rows = [{"prompt_ids": p, "chosen_ids": c, "rejected_ids": r, "ref_chosen": rc, "ref_rejected": rr}
+            for p, c, r, rc, rr in zip(pairs["prompt_ids"], pairs["chosen_ids"], pairs["rejected_ids"],
+                                       refs["ref_chosen_logp"], refs["ref_rejected_logp"])]
+
+    tr = cfg.train
+    accelerator = Accelerator(gradient_accumulation_steps=tr.gradient_accumulation, mixed_precision=tr.mixed_precision,
+                              log_with=list(tr.report_to) or None, project_dir=str(run.root / "logs"))
+    set_seed(cfg.seed)
+
+    def collate(batch: list[dict]):
+        b = collate_pairs(batch, tok.pad_token_id)
+        ref = torch.tensor([[x["ref_chosen"], x["ref_rejected"]] for x in batch], dtype=torch.float32)
+        return b, ref
+
+    generator = torch.Generator().manual_seed(cfg.seed + step)
+    loader = torch.utils.data.DataLoader(rows, batch_size=tr.per_device_batch_size, shuffle=tr.shuffle,
+                                         collate_fn=collate, generator=generator, drop_last=False)
+
+    # ---- the target: M_{t-1} (or S, per dpo.target_init)
+    init = target_init_model(cfg, run, step)
+    reference = reference_model(cfg, run, step)
+    model = load_model(cfg.model, init, train=True)
+    use_cache = model.config.use_cache
+    if tr.disable_dropout:
+        disable_dropout(model)
+    if tr.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": tr.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=tr.learning_rate,
+                                  betas=(tr.adam_beta1, tr.adam_beta2), eps=tr.adam_epsilon)
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+
+    updates_per_epoch = math.ceil(len(loader) / tr.gradient_accumulation)
+    total = tr.max_updates or max(1, math.ceil(tr.epochs * updates_per_epoch))
+    scheduler = get_scheduler(tr.lr_schedule, optimizer, num_warmup_steps=math.ceil(tr.warmup_ratio * total),
+                              num_training_steps=total)
+    world = accelerator.num_processes
+    console.info(f"train step {step}: target from {init}, π_ref = {reference}; {len(rows)} pairs, "
+                 f"{total} updates of {tr.per_device_batch_size}×{tr.gradient_accumulation}×{world} = "
+                 f"{tr.per_device_batch_size * tr.gradient_accumulation * world} pairs, lr {tr.learning_rate:g}")
+    if tr.report_to:
+        accelerator.init_trackers(f"sdpo-step-{step}", config=section(cfg, "dpo", "train"))
+
+    # ---- the loop
+    log_path = run.train_log(step)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    records: list[dict] = []
+    sums = _zero_sums(accelerator.device)
+    expected0 = loss_at_equal_models(cfg.dpo.loss, cfg.dpo.beta, cfg.dpo.label_smoothing)
+    check_ln2 = reference == init  # target == reference at update 0 only when both start from the same model
+    update, epoch, t_last = 0, 0, time.time()
+    model.train()
+    with console.progress() as bar, log_path.open("w") as log_file:
+        task = bar.add_task(f"train step {step}", total=total, status="")
+        while update < total:
+            for batch, ref in loader:
+                with accelerator.accumulate(model):
+                    policy_c, policy_r = completion_logps(model, batch)
+                    ref_c, ref_r = ref[:, 0], ref[:, 1]
+                    losses = dpo_losses(policy_c, policy_r, ref_c, ref_r, beta=cfg.dpo.beta, loss=cfg.dpo.loss,
+                                        label_smoothing=cfg.dpo.label_smoothing,
+                                        chosen_tokens=batch.chosen_tokens, rejected_tokens=batch.rejected_tokens)
+                    loss = losses.mean()
+                    if cfg.dpo.nll_weight:
+                        # RPO / TRL's "sft" term: mean NLL per chosen completion token of the batch
+                        loss = loss + cfg.dpo.nll_weight * (-policy_c.sum() / batch.chosen_tokens.sum())
+                    accelerator.backward(loss)
+                    grad_norm = None
+                    if accelerator.sync_gradients:
+                        grad_norm = _clip(accelerator, model, tr.max_grad_norm)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                _accumulate(sums, cfg.dpo.beta, losses.detach(), loss.detach(), policy_c.detach(),
+                            policy_r.detach(), ref_c, ref_r, batch)
+                if not accelerator.sync_gradients:
+                    continue
+                lr = scheduler.get_last_lr()[0]
+                scheduler.step()
+                if update == 0 or (update + 1) % tr.logging_every == 0 or update + 1 == total:
+                    now = time.time()
+                    record = _record(accelerator, sums, step, update, epoch, lr, grad_norm, now - t_last)
+                    t_last, sums = now, _zero_sums(accelerator.device)
+                    if update == 0:
+                        _check_first_update(record, expected0, check_ln2, cfg.dpo.loss, step)
+                    records.append(record)
+                    log_file.write(json.dumps(record) + "\n")
+                    log_file.flush()
+                    if tr.report_to:
+                        accelerator.log({k: v for k, v in record.items() if isinstance(v, float)}, step=update)
+                    line = (f"step {step} | update {update:>4}/{total} | loss {record['loss']:.4f} | margin "
+                            f"{record['rewards/margins']:.4f} | acc {record['rewards/accuracies']:.2f} | lr {lr:.2e}")
+                    bar.update(task, status=f"loss {record['loss']:.4f}")
+                    console.info(line)
+                update += 1
+                bar.update(task, completed=update)
+                if update >= total:
+                    break
+            epoch += 1
+
+    # ---- save M_t in Hugging Face layout
+    accelerator.wait_for_everyone()
+    if tr.report_to:
+        accelerator.end_training()
+    state_dict = accelerator.get_state_dict(model)
+    if accelerator.is_main_process:
+        unwrapped = accelerator.unwrap_model(model)
+        unwrapped.config.use_cache = True if use_cache is False else use_cache  # for users who generate with M_t
+        meta = {"stage": "train", "step": step, "fingerprint": fp, "target_init": init, "reference": reference,
+                "data": run.rel(data_path), "pairs": len(rows), "updates": total, "epochs": epoch,
+                "world_size": world, "first": records[0], "last": records[-1], "log": run.rel(log_path)}
+        with writing(out, meta) as tmp:
+            unwrapped.save_pretrained(str(tmp), state_dict=state_dict)
+            tok.save_pretrained(str(tmp))
+            if tr.save_optimizer:
+                torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        console.info(f"train step {step}: loss {records[0]['loss']:.4f} -> {records[-1]['loss']:.4f}; wrote {out}")
+    accelerator.wait_for_everyone()
+    return out
+
+
+def _clip(accelerator, model, max_norm: float | None) -> torch.Tensor:
+    params = [p for p in model.parameters() if p.grad is not None]
+    if max_norm is not None:
+        return accelerator.clip_grad_norm_(params, max_norm)
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params]))
+
+
+def _zero_sums(device) -> dict:
+    # Device-side accumulators: one host sync per logged update, not per micro-batch.
+    return {k: torch.zeros((), dtype=torch.float64, device=device) for k in (*METRICS, "pairs", "batches", "tokens")}
+
+
+def _accumulate(sums: dict, beta: float, losses, loss, pc, pr, rc, rr, batch) -> None:
+    rc, rr = rc.to(pc.device), rr.to(pc.device)
+    chosen_reward, rejected_reward = beta * (pc - rc), beta * (pr - rr)
+    sums["loss"] += loss.double()
+    sums["batches"] += 1
+    sums["rewards/chosen"] += chosen_reward.sum().double()
+    sums["rewards/rejected"] += rejected_reward.sum().double()
+    sums["rewards/margins"] += (chosen_reward - rejected_reward).sum().double()
+    sums["rewards/accuracies"] += (chosen_reward > rejected_reward).sum().double()  # strict, as TRL
+    sums["logps/chosen"] += pc.sum().double()
+    sums["logps/rejected"] += pr.sum().double()
+    sums["gamma/policy"] += (pc - pr).sum().double()
+    sums["gamma/ref"] += (rc - rr).sum().double()
+    sums["pairs"] += pc.shape[0]
+    sums["tokens"] += (batch.chosen_tokens.sum() + batch.rejected_tokens.sum()).double()
+
+
+def _record(accelerator, sums: dict, step: int, update: int, epoch: int, lr: float, grad_norm, seconds: float) -> dict:
+    stacked = accelerator.reduce(torch.stack([sums[k] for k in sums]), reduction="sum")
+    totals = dict(zip(sums, stacked.tolist()))
+    pairs, batches = max(totals["pairs"], 1.0), max(totals["batches"], 1.0)
+    record = {"step": step, "update": update, "epoch": epoch}
+    record["loss"] = totals["loss"] / batches
+    for key in METRICS[1:]:
+        record[key] = totals[key] / pairs
+    record["lr"] = lr
+    record["grad_norm"] = float(grad_norm) if grad_norm is not None else None
+    record["tokens/s"] = totals["tokens"] / max(seconds, 1e-9)
+    record["pairs"] = int(totals["pairs"])
+    return record
+
+
+def _check_first_update(record: dict, expected: float, applies: bool, loss: str, step: int) -> None:
+    """sDPO sanity check: update 0 sees target == reference, so margins are 0 and the loss is ln 2 (sigmoid)."""
+    if not applies:
+        console.info(f"train step {step}: update 0 loss {record['loss']:.6f} (target init != reference: no ln 2 check)")
+        record["check"] = "skipped"
+        return
+    off = abs(record["loss"] - expected)
+    record["check"] = "ok" if off <= 1e-3 else "FAILED"
+    if off <= 1e-3:
+        console.info(f"train step {step}: update 0 loss {record['loss']:.6f} = expected {expected:.6f} for "
+                     f"{loss} at target == reference (ln 2 check ok)")
+    else:
+        console.console.print(
+            f"[bold red]WARNING: step {step} update 0 loss {record['loss']:.6f} != {expected:.6f} (off by {off:.2e}). "
+            "The target should equal the reference here: the reference log-probs were computed on other tokens, "
+            "another model or other numerics. Redo `sdpo reflogp --force` for this step.[/]")
