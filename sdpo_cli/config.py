@@ -9,12 +9,19 @@ directory. Every key is documented in docs/configs.md.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
-from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException, ValidationError
+from omegaconf.errors import (
+    ConfigAttributeError,
+    ConfigKeyError,
+    MissingMandatoryValue,
+    OmegaConfBaseException,
+    ValidationError,
+)
 from yaml import YAMLError
 
 from sdpo_cli.errors import ConfigError
@@ -146,6 +153,7 @@ def load_config(path: Path | str, overrides: list[str] | None = None) -> SdpoCon
     except OmegaConfBaseException as e:
         raise _config_error(str(path), e) from None
     validate(obj, where=str(path))
+    obj.run_dir = str(Path(obj.run_dir).expanduser().resolve())  # relative to the working directory
     return obj
 
 
@@ -155,8 +163,14 @@ def _one_line(e: Exception) -> str:
 
 def _config_error(where: str, e: OmegaConfBaseException) -> ConfigError:
     key = getattr(e, "full_key", None) or ""
-    if isinstance(e, ConfigKeyError):
-        return ConfigError(f"{where}: unknown config key '{key}'", hint="valid keys are listed in docs/configs.md")
+    # An unknown key is a ConfigKeyError from the YAML merge but a ConfigAttributeError from a dotlist override.
+    if isinstance(e, (ConfigKeyError, ConfigAttributeError)):
+        if "." not in key and getattr(getattr(e, "object_type", None), "__name__", "") == "SourceConfig":
+            key = f"data.sources[].{key}"  # omegaconf drops the path of keys inside list items
+        hint = "valid keys are listed in docs/configs.md"
+        suggestion = re.search(r"Did you mean([^?]*)\?", str(e))  # omegaconf's "Did you mean: 'beta'?"
+        return ConfigError(f"{where}: unknown config key '{key}'",
+                           hint=f"did you mean{suggestion.group(1)}? {hint}" if suggestion else hint)
     if isinstance(e, ValidationError):
         return ConfigError(f"{where}: bad value for '{key}': {_one_line(e)}", hint="see docs/configs.md for its type")
     return ConfigError(f"{where}: {_one_line(e)}", hint="see docs/configs.md")

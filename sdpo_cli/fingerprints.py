@@ -39,8 +39,9 @@ def split_fp(cfg: SdpoConfig, tok) -> str:
 
 
 def data_fp(run: RunDir, step: int | str) -> str | None:
+    """Identity of one step's pairs: every data/step-t shares the split's fingerprint, so add the step."""
     meta = read_meta(run.data(step))
-    return meta.get("fingerprint") if meta else None
+    return fingerprint(meta.get("fingerprint"), step) if meta else None
 
 
 def logps_fp(cfg: SdpoConfig, data_identity: str | None, model: str) -> str:

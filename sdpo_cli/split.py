@@ -28,8 +28,6 @@ from sdpo_cli.config import SdpoConfig, num_steps
 from sdpo_cli.data.formats import LoadedSource, load_pairs, prompt_hash
 from sdpo_cli.data.tokenize import tokenize_pairs
 from sdpo_cli.errors import DataError
-from sdpo_cli.fingerprints import split_fp
-from sdpo_cli.models import load_tokenizer
 from sdpo_cli.rundir import RunDir, check_not_stale, read_meta, writing
 
 
@@ -39,6 +37,11 @@ def data_paths(cfg: SdpoConfig, run: RunDir) -> list[Path]:
 
 
 def run_split(cfg: SdpoConfig, force: bool = False) -> list[Path]:
+    # Imported here, not at the top: `sdpo split` loads the config first, and a config mistake should not wait for
+    # torch and transformers to import.
+    from sdpo_cli.fingerprints import split_fp
+    from sdpo_cli.models import load_tokenizer
+
     run = RunDir(cfg.run_dir)
     run.ensure()
     tok = load_tokenizer(cfg.model)

@@ -106,6 +106,13 @@ def _load_dataset(source: SourceConfig):
             if path.stat().st_size == 0:
                 raise DataError(f"{where}: data file is empty (source '{source.name}')", hint="check the file")
             try:
+                if FILE_BUILDERS[path.suffix] == "csv":
+                    # Every cell is text: pandas' type inference would read the reply "4" as a number and "None",
+                    # "NA" or an empty cell as a missing value.
+                    import pandas as pd
+
+                    frame = pd.read_csv(path, dtype=str, keep_default_na=False, na_filter=False)
+                    return datasets.Dataset.from_pandas(frame, preserve_index=False), where
                 return datasets.load_dataset(FILE_BUILDERS[path.suffix], data_files=str(path), split="train"), where
             except Exception as e:  # pyarrow's parse errors carry no line number: find it ourselves
                 if FILE_BUILDERS[path.suffix] == "json":
@@ -148,7 +155,7 @@ def _raise_bad_json_line(path: Path) -> None:
                                 hint="re-encode the file as UTF-8") from None
             if path.suffix == ".jsonl" and line.strip():
                 try:
-                    obj = json.loads(line)
+                    obj = json.loads(line.rstrip("\r\n"))  # the newline would make the column point past the line
                 except json.JSONDecodeError as e:
                     raise DataError(f"{path}:{lineno}: malformed JSON ({e.msg}, column {e.colno})",
                                     hint="each line must be one JSON object") from None
@@ -259,8 +266,10 @@ def _ultrafeedback(row: dict, source: SourceConfig):
         score = row.get(key, 0.0)
         if score is None or (isinstance(score, float) and math.isnan(score)):
             raise _Skip(f"missing or NaN {key}")
-    prompt, chosen, rejected = _split_conversations(_messages(row["chosen"], "chosen"),
-                                                    _messages(row["rejected"], "rejected"))
+    chosen_m, rejected_m = _messages(row["chosen"], "chosen"), _messages(row["rejected"], "rejected")
+    if isinstance(row.get("prompt"), list):  # an explicit conversational prompt (TRL style) next to the scores
+        return _messages(row["prompt"], "prompt"), _reply(chosen_m, "chosen"), _reply(rejected_m, "rejected"), "chat"
+    prompt, chosen, rejected = _split_conversations(chosen_m, rejected_m)
     return prompt, chosen, rejected, "chat"
 
 

@@ -1,0 +1,125 @@
+"""The shared log-prob function: equal to a plain full-logits log_softmax/gather, invariant to padding and batch
+composition, with the same gradients, on the tiny test model and on the real pretrained stories260K."""
+
+import random
+
+import pytest
+import torch
+
+from sdpo_cli import logprobs
+from sdpo_cli.logprobs import chunked_token_logps, collate_pairs, completion_logps, score_pairs
+
+
+def random_pairs(vocab: int, n: int, seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+
+    def ids(lo, hi):
+        return [rng.randrange(4, vocab) for _ in range(rng.randint(lo, hi))]
+
+    return [{"prompt_ids": [1] + ids(2, 12), "chosen_ids": ids(1, 15), "rejected_ids": ids(1, 15)} for _ in range(n)]
+
+
+def plain_logps(model, pair: dict) -> tuple[float, float]:
+    """Reference implementation: one unpadded row, full logits, log_softmax, gather, sum over the completion."""
+    out = []
+    for key in ("chosen_ids", "rejected_ids"):
+        ids = torch.tensor([pair["prompt_ids"] + pair[key]])
+        logits = model(input_ids=ids, use_cache=False).logits[0].float()
+        logp = torch.log_softmax(logits[:-1], dim=-1).gather(-1, ids[0, 1:, None]).squeeze(-1)
+        out.append(logp[len(pair["prompt_ids"]) - 1:].sum().item())
+    return out[0], out[1]
+
+
+def load(path):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+    model.eval()
+    return model
+
+
+@pytest.fixture(scope="module", params=["tiny", "stories260K"])
+def model(request, tiny_model_dir):
+    if request.param == "tiny":
+        return load(tiny_model_dir)
+    return load(request.getfixturevalue("stories_dir"))
+
+
+def test_equals_plain_full_logits(model):
+    pairs = random_pairs(model.config.vocab_size, 6)
+    with torch.no_grad():
+        chosen, rejected = completion_logps(model, collate_pairs(pairs, pad_id=0))
+    for i, pair in enumerate(pairs):
+        c, r = plain_logps(model, pair)
+        assert chosen[i].item() == pytest.approx(c, abs=1e-5, rel=1e-6)
+        assert rejected[i].item() == pytest.approx(r, abs=1e-5, rel=1e-6)
+
+
+def test_invariant_to_padding_and_batch_size(model):
+    pairs = random_pairs(model.config.vocab_size, 8, seed=1)
+    with torch.no_grad():
+        alone = [completion_logps(model, collate_pairs([p], pad_id=0)) for p in pairs]
+        together = completion_logps(model, collate_pairs(pairs, pad_id=0))
+        other_pad = completion_logps(model, collate_pairs(pairs, pad_id=3))
+        by_score = score_pairs(model, pairs, pad_id=0, batch_size=3, device="cpu")
+    for i in range(len(pairs)):
+        for j in range(2):
+            # 1e-5 absolute, or fp32's relative precision on sums of a few hundred nats
+            assert together[j][i].item() == pytest.approx(alone[i][j].item(), abs=1e-5, rel=1e-6)
+            assert other_pad[j][i].item() == pytest.approx(together[j][i].item(), abs=1e-5, rel=1e-6)
+            assert by_score[j][i] == pytest.approx(together[j][i].item(), abs=1e-5, rel=1e-6)
+
+
+def test_chunked_head_gradients_match_full_logits():
+    torch.manual_seed(0)
+    hidden = torch.randn(37, 16, requires_grad=True)
+    weight = torch.randn(50, 16, requires_grad=True)
+    targets = torch.randint(0, 50, (37,))
+    chunked = chunked_token_logps(hidden, weight, targets, chunk=8)  # 5 chunks, the last partial
+    full = torch.log_softmax(hidden @ weight.t(), -1).gather(-1, targets[:, None]).squeeze(-1)
+    assert torch.allclose(chunked, full, atol=1e-5)
+    g_chunked = torch.autograd.grad(chunked.sum(), (hidden, weight))
+    g_full = torch.autograd.grad(full.sum(), (hidden, weight))
+    for a, b in zip(g_chunked, g_full):
+        assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_model_gradients_match_full_logits(tiny_model_dir):
+    model = load(tiny_model_dir)
+    pairs = random_pairs(model.config.vocab_size, 3, seed=2)
+    chosen, rejected = completion_logps(model, collate_pairs(pairs, pad_id=0))
+    (chosen - rejected).sum().backward()
+    ours = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    total = 0
+    for pair in pairs:
+        for key, sign in (("chosen_ids", 1), ("rejected_ids", -1)):
+            ids = torch.tensor([pair["prompt_ids"] + pair[key]])
+            logp = torch.log_softmax(model(input_ids=ids, use_cache=False).logits[0, :-1].float(), -1)
+            total = total + sign * logp.gather(-1, ids[0, 1:, None])[len(pair["prompt_ids"]) - 1:].sum()
+    total.backward()
+    for a, p in zip(ours, model.parameters()):
+        assert torch.allclose(a, p.grad, atol=1e-5)
+
+
+def test_exotic_head_fallback_gives_same_numbers(tiny_model_dir, monkeypatch):
+    model = load(tiny_model_dir)
+    batch = collate_pairs(random_pairs(model.config.vocab_size, 4, seed=3), pad_id=0)
+    with torch.no_grad():
+        lean = completion_logps(model, batch)
+        monkeypatch.setattr(logprobs, "_plain_head", lambda m: None)
+        full = completion_logps(model, batch)
+    assert torch.allclose(lean[0], full[0], atol=1e-5) and torch.allclose(lean[1], full[1], atol=1e-5)
+
+
+def test_collate_scores_exactly_the_completion_tokens():
+    pairs = [{"prompt_ids": [1, 5, 6], "chosen_ids": [7, 8], "rejected_ids": [9]},
+             {"prompt_ids": [1, 5], "chosen_ids": [10, 11, 12], "rejected_ids": [13, 14]}]
+    b = collate_pairs(pairs, pad_id=0)
+    assert b.input_ids.tolist() == [[1, 5, 6, 7, 8], [1, 5, 10, 11, 12], [1, 5, 6, 9, 0], [1, 5, 13, 14, 0]]
+    assert b.attention_mask.tolist() == [[1] * 5, [1] * 5, [1, 1, 1, 1, 0], [1, 1, 1, 1, 0]]
+    # token at position i is scored from position i-1: row 0 scores positions 2,3 -> targets 7,8
+    assert b.score_index.tolist() == [2, 3, 6, 7, 8, 12, 16, 17]
+    assert b.targets.tolist() == [7, 8, 10, 11, 12, 9, 13, 14]
+    assert b.segment.tolist() == [0, 0, 2, 2, 2, 1, 3, 3]
+    assert b.chosen_tokens.tolist() == [2, 3] and b.rejected_tokens.tolist() == [1, 2]
