@@ -25,7 +25,9 @@ from sdpo_cli.errors import ConfigError, SdpoError
 app = typer.Typer(
     name="sdpo",
     help="Stepwise DPO (sDPO, Kim et al. 2024, arXiv:2403.19270): align a causal LM with preference data in steps, "
-         "each step's reference being the model aligned by the step before.",
+         "each step's reference being the model aligned by the step before.\n\n"
+         "Example: sdpo run configs/fixtures.yaml run_dir=runs/fixtures && "
+         "sdpo gamma configs/fixtures.yaml run_dir=runs/fixtures",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -45,15 +47,29 @@ def _config(config: Path, overrides: list[str] | None):
     return load_config(config, overrides)
 
 
+def _record(cfg) -> None:
+    """Keep the resolved config of the last successful stage next to its artifacts."""
+    from sdpo_cli.config import to_yaml
+    from sdpo_cli.rundir import write_text_atomic
+
+    if console.is_main_process():
+        write_text_atomic(Path(cfg.run_dir) / "config.yaml", to_yaml(cfg))
+
+
 @app.command()
 def split(config: ConfigArg, overrides: Overrides = None, force: ForceOpt = False) -> None:
     """Build the step datasets data/step-1..T (and data/eval) from the configured sources.
 
-    Example: sdpo split configs/fixtures.yaml run_dir=runs/demo split.strategy=stratified split.fractions=[0.5,0.5]
+    Example: sdpo split configs/fixtures.yaml run_dir=runs/fixtures
+
+    Stratified: sdpo split configs/fixtures.yaml split.strategy=stratified split.steps=null 'split.fractions=[0.5,0.5]'
     """
+    cfg = _config(config, overrides)  # config mistakes are reported before torch is imported
     from sdpo_cli.split import run_split
 
-    for path in run_split(_config(config, overrides), force=force):
+    paths = run_split(cfg, force=force)
+    _record(cfg)
+    for path in paths:
         console.stdout.print(str(path))
 
 
@@ -63,9 +79,12 @@ def reflogp(config: ConfigArg, step: StepOpt, overrides: Overrides = None, force
 
     Example: sdpo reflogp configs/fixtures.yaml --step 2 run_dir=runs/demo
     """
+    cfg = _config(config, overrides)  # config mistakes are reported before torch is imported
     from sdpo_cli.reflogp import run_reflogp
 
-    console.stdout.print(str(run_reflogp(_config(config, overrides), step, force=force)))
+    out = run_reflogp(cfg, step, force=force)
+    _record(cfg)
+    console.stdout.print(str(out))
 
 
 @app.command()
@@ -74,9 +93,12 @@ def train(config: ConfigArg, step: StepOpt, overrides: Overrides = None, force: 
 
     Example: sdpo train configs/fixtures.yaml --step 1 run_dir=runs/demo train.learning_rate=1e-5
     """
+    cfg = _config(config, overrides)  # config mistakes are reported before torch is imported
     from sdpo_cli.train import run_train
 
-    console.stdout.print(str(run_train(_config(config, overrides), step, force=force)))
+    out = run_train(cfg, step, force=force)
+    _record(cfg)
+    console.stdout.print(str(out))
 
 
 @app.command()
@@ -85,9 +107,12 @@ def run(config: ConfigArg, overrides: Overrides = None, force: ForceOpt = False)
 
     Example: sdpo run configs/fixtures.yaml run_dir=runs/demo
     """
+    cfg = _config(config, overrides)  # config mistakes are reported before torch is imported
     from sdpo_cli.pipeline import run_all
 
-    console.stdout.print(str(run_all(_config(config, overrides), force=force)))
+    out = run_all(cfg, force=force)
+    _record(cfg)
+    console.stdout.print(str(out))
 
 
 @app.command()
@@ -105,9 +130,10 @@ def gamma(
 
     Example: sdpo gamma configs/fixtures.yaml run_dir=runs/demo --checkpoint base --checkpoint step-1 --json
     """
+    cfg = _config(config, overrides)
     from sdpo_cli.gamma import run_gamma
 
-    results = run_gamma(_config(config, overrides), checkpoint, data)
+    results = run_gamma(cfg, checkpoint, data)
     if plot is not None:
         from sdpo_cli.reports import plot_gamma
 

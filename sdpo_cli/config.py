@@ -50,7 +50,8 @@ class ModelConfig:
     revision: Optional[str] = None
     dtype: str = "float32"  # float32 | bfloat16 | float16 | auto (the checkpoint's dtype); see docs/configs.md
     attn_implementation: Optional[str] = "sdpa"  # sdpa | eager | flash_attention_2 | None (transformers default)
-    chat_template: Optional[str] = None  # used when the tokenizer has none: a Jinja string or solar|chatml|zephyr
+    chat_template: Optional[str] = None  # Jinja string or solar|chatml|zephyr; replaces the tokenizer's own if set
+    # (a tokenizer without a template gets the built-in solar one)
     pad_token: Optional[str] = None  # used when the tokenizer has none; default: unk, else eos
     trust_remote_code: bool = False
     allow_pickle: bool = False  # load .bin/.pt checkpoints (pickle); safetensors only by default

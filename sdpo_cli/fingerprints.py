@@ -33,7 +33,9 @@ def split_fp(cfg: SdpoConfig, tok) -> str:
     sources = [source_identity(s.path, s.split, s.subset) for s in cfg.data.sources]
     eval_source = source_identity(cfg.data.eval.path, cfg.data.eval.split, cfg.data.eval.subset) \
         if cfg.data.eval else None
-    curriculum = [model_identity(cfg.model.base), numerics(cfg)] if cfg.split.strategy == "curriculum" else None
+    curriculum = None
+    if cfg.split.strategy == "curriculum":
+        curriculum = [model_identity(cfg.model.base, cfg.model.revision), numerics(cfg)]
     return fingerprint("split", section(cfg, "data", "split"), cfg.seed, tokenizer_identity(tok), sources,
                        eval_source, curriculum)
 
@@ -46,17 +48,23 @@ def data_fp(run: RunDir, step: int | str) -> str | None:
 
 def logps_fp(cfg: SdpoConfig, data_identity: str | None, model: str) -> str:
     """Log-probs of one dataset under one model: the same computation whether `reflogp` or `gamma` asks for it."""
-    return fingerprint("logps", data_identity, model_identity(model), numerics(cfg))
+    return fingerprint("logps", data_identity, model_identity(model, cfg.model.revision), numerics(cfg))
 
 
 def reflogp_fp(cfg: SdpoConfig, run: RunDir, step: int) -> str:
     return logps_fp(cfg, data_fp(run, step), reference_model(cfg, run, step))
 
 
+# train.* keys that do not change the weights: editing them must not make a finished checkpoint stale.
+NOT_WEIGHTS = ("logging_every", "report_to", "save_optimizer")
+
+
 def train_fp(cfg: SdpoConfig, run: RunDir, step: int) -> str:
     reflogp = read_meta(run.reflogp(step)) or {}
+    config = section(cfg, "dpo", "train")
+    config["train"] = {k: v for k, v in config["train"].items() if k not in NOT_WEIGHTS}
     return fingerprint("train", data_fp(run, step), reflogp.get("fingerprint"),
-                       model_identity(target_init_model(cfg, run, step)), section(cfg, "dpo", "train"), cfg.seed,
+                       model_identity(target_init_model(cfg, run, step), cfg.model.revision), config, cfg.seed,
                        numerics(cfg))
 
 

@@ -109,8 +109,8 @@ def disable_dropout(model: torch.nn.Module) -> None:
             module.p = 0.0
 
 
-def model_identity(source: str) -> str:
-    """A fingerprint of a model source: its meta.json fingerprint if we made it, else its files or hub id."""
+def model_identity(source: str, revision: str | None = None) -> str:
+    """A fingerprint of a model source: its meta.json fingerprint if we made it, else its files or hub id@revision."""
     path = Path(source)
     meta = path / "meta.json"
     if meta.is_file():
@@ -121,7 +121,7 @@ def model_identity(source: str) -> str:
         files = sorted((p.name, p.stat().st_size) for p in path.iterdir() if p.is_file())
         config = (path / "config.json").read_text() if (path / "config.json").is_file() else ""
         return fingerprint(os.path.abspath(source), files, config)
-    return fingerprint(source)
+    return fingerprint(source, revision)
 
 
 def tokenizer_identity(tok) -> str:

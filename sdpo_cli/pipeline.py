@@ -14,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from sdpo_cli import console
-from sdpo_cli.config import SdpoConfig, num_steps, to_yaml
+from sdpo_cli.config import SdpoConfig, num_steps
 from sdpo_cli.reflogp import run_reflogp
 from sdpo_cli.reports import plot_losses, read_log
 from sdpo_cli.rundir import RunDir
@@ -24,8 +24,6 @@ from sdpo_cli.train import run_train
 
 def run_all(cfg: SdpoConfig, force: bool = False) -> Path:
     run = RunDir(cfg.run_dir)
-    run.ensure()
-    (run.root / "config.yaml").write_text(to_yaml(cfg))
     steps = num_steps(cfg)
     run_split(cfg, force=force)
     for t in range(1, steps + 1):

@@ -10,6 +10,7 @@ second model in memory, and gives the paper's γ_ref = log π_ref(y_w|x) − log
 from __future__ import annotations
 
 import statistics
+import time
 from pathlib import Path
 
 from accelerate import Accelerator
@@ -33,6 +34,7 @@ from sdpo_cli.rundir import RunDir, check_not_stale, writing
 def run_reflogp(cfg: SdpoConfig, step: int, force: bool = False) -> Path:
     import datasets
 
+    started = time.time()
     run = RunDir(cfg.run_dir)
     if not 1 <= step <= num_steps(cfg):
         raise ConfigError(f"--step {step}: this config has steps 1..{num_steps(cfg)}", hint="pick a step in range")
@@ -58,7 +60,7 @@ def run_reflogp(cfg: SdpoConfig, step: int, force: bool = False) -> Path:
         chosen, rejected = score_pairs(model, pairs, tok.pad_token_id, cfg.inference.batch_size, accelerator.device,
                                        accelerator.autocast, bar, f"reflogp step {step}")
     gammas = [c - r for c, r in zip(chosen, rejected)]
-    meta = {"stage": "reflogp", "step": step, "fingerprint": fp, "reference": reference,
+    meta = {"stage": "reflogp", "step": step, "started": started, "fingerprint": fp, "reference": reference,
             "reference_identity": model_identity(reference), "data": run.rel(data_path), "rows": len(gammas),
             "gamma_ref_mean": statistics.fmean(gammas)}
     if accelerator.is_main_process:

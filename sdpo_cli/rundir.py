@@ -1,7 +1,7 @@
 """The run directory: every artifact's path, its meta.json, and atomic writes.
 
     runs/<name>/
-      config.yaml               resolved config of the last command
+      config.yaml               resolved config of the last successful split / reflogp / train / run
       data/step-t/  data/eval/  canonical pairs + token ids (datasets.save_to_disk) + meta.json
       reflogp/step-t/           reference log-probs of D_t under the step's reference + meta.json
       checkpoints/step-t/       M_t in Hugging Face layout + meta.json
@@ -147,7 +147,8 @@ def environment() -> dict:
 def writing(path: Path, meta: dict) -> Iterator[Path]:
     """Yield a temporary sibling folder to fill; on success write meta.json last and move it to `path` atomically.
 
-    `meta` may be updated by the caller inside the block (row counts, figures); `seconds` and versions are added.
+    `meta` may be updated by the caller inside the block (row counts, figures); versions and `seconds` (since
+    meta["started"], a time.time() the stage sets when it begins, else since this block began) are added.
     An existing artifact at `path` (a forced redo) is replaced only once the new one is complete.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -159,7 +160,7 @@ def writing(path: Path, meta: dict) -> Iterator[Path]:
     try:
         yield tmp
         meta.setdefault("created", time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-        meta["seconds"] = round(time.time() - start, 3)
+        meta["seconds"] = round(time.time() - meta.pop("started", start), 3)
         meta.update(environment())
         (tmp / META).write_text(json.dumps(meta, indent=2, default=str) + "\n")
         if path.exists():
@@ -174,8 +175,12 @@ def writing(path: Path, meta: dict) -> Iterator[Path]:
         raise
 
 
-def write_json_atomic(path: Path, obj: Any) -> None:
+def write_text_atomic(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+    tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    write_text_atomic(path, json.dumps(obj, indent=2, default=str) + "\n")

@@ -18,6 +18,7 @@ drift between stages (the ln 2 check at update 0 verifies it).
 from __future__ import annotations
 
 import random
+import time
 from collections import Counter, defaultdict
 from pathlib import Path
 
@@ -42,6 +43,7 @@ def run_split(cfg: SdpoConfig, force: bool = False) -> list[Path]:
     from sdpo_cli.fingerprints import split_fp
     from sdpo_cli.models import load_tokenizer
 
+    started = time.time()
     run = RunDir(cfg.run_dir)
     run.ensure()
     tok = load_tokenizer(cfg.model)
@@ -69,7 +71,8 @@ def run_split(cfg: SdpoConfig, force: bool = False) -> list[Path]:
     overlap = _overlap(steps)
     _print_table(cfg, steps, counts, overlap)
     for t, rows in enumerate(steps, start=1):
-        meta = {"stage": "split", "step": t, "fingerprint": fp, "strategy": cfg.split.strategy, "rows": len(rows),
+        meta = {"stage": "split", "step": t, "started": started, "fingerprint": fp, "strategy": cfg.split.strategy,
+                "rows": len(rows),
                 "rows_per_source": dict(Counter(r["source"] for r in rows)),
                 "sources": {n: dict(c) for n, c in counts.items()}, "overlap": overlap}
         _save(rows, run.data(t), meta)
@@ -78,7 +81,7 @@ def run_split(cfg: SdpoConfig, force: bool = False) -> list[Path]:
         kept, dropped = tokenize_pairs(tok, src.pairs, cfg.data.max_length, cfg.data.max_prompt_length)
         if not kept:
             raise DataError(f"{src.where}: no eval pair fits data.max_length", hint="raise data.max_length")
-        meta = {"stage": "split", "step": "eval", "fingerprint": fp, "rows": len(kept),
+        meta = {"stage": "split", "step": "eval", "started": started, "fingerprint": fp, "rows": len(kept),
                 "sources": {src.name: dict(Counter(read=src.rows_read, kept=len(kept), dropped_too_long=dropped,
                                                    **src.skipped))}}
         _save(kept, run.data("eval"), meta)

@@ -27,8 +27,8 @@ from sdpo_cli.loss import dpo_losses, loss_at_equal_models
 from sdpo_cli.models import disable_dropout, load_model, load_tokenizer, reference_model, target_init_model
 from sdpo_cli.rundir import RunDir, check_not_stale, read_meta, writing
 
-METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
-           "logps/rejected", "gamma/policy", "gamma/ref")
+METRICS = ("loss", "loss/dpo", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
+           "logps/chosen", "logps/rejected", "gamma/policy", "gamma/ref")
 
 
 def run_train(cfg: SdpoConfig, step: int, force: bool = False) -> Path:
@@ -37,6 +37,7 @@ def run_train(cfg: SdpoConfig, step: int, force: bool = False) -> Path:
     from accelerate.utils import set_seed
     from transformers import get_scheduler
 
+    started = time.time()
     run = RunDir(cfg.run_dir)
     if not 1 <= step <= num_steps(cfg):
         raise ConfigError(f"--step {step}: this config has steps 1..{num_steps(cfg)}", hint="pick a step in range")
@@ -125,7 +126,7 @@ def run_train(cfg: SdpoConfig, step: int, force: bool = False) -> Path:
                     losses = dpo_losses(policy_c, policy_r, ref_c, ref_r, beta=cfg.dpo.beta, loss=cfg.dpo.loss,
                                         label_smoothing=cfg.dpo.label_smoothing,
                                         chosen_tokens=batch.chosen_tokens, rejected_tokens=batch.rejected_tokens)
-                    loss = losses.mean()
+                    loss = dpo_loss = losses.mean()
                     if cfg.dpo.nll_weight:
                         # RPO / TRL's "sft" term: mean NLL per chosen completion token of the batch
                         loss = loss + cfg.dpo.nll_weight * (-policy_c.sum() / batch.chosen_tokens.sum())
@@ -135,7 +136,7 @@ def run_train(cfg: SdpoConfig, step: int, force: bool = False) -> Path:
                         grad_norm = _clip(accelerator, model, tr.max_grad_norm)
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
-                _accumulate(sums, cfg.dpo.beta, losses.detach(), loss.detach(), policy_c.detach(),
+                _accumulate(sums, cfg.dpo.beta, dpo_loss.detach(), loss.detach(), policy_c.detach(),
                             policy_r.detach(), ref_c, ref_r, batch)
                 if not accelerator.sync_gradients:
                     continue
@@ -170,7 +171,8 @@ def run_train(cfg: SdpoConfig, step: int, force: bool = False) -> Path:
     if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(model)
         unwrapped.config.use_cache = True if use_cache is False else use_cache  # for users who generate with M_t
-        meta = {"stage": "train", "step": step, "fingerprint": fp, "target_init": init, "reference": reference,
+        meta = {"stage": "train", "step": step, "started": started, "fingerprint": fp, "target_init": init,
+                "reference": reference,
                 "data": run.rel(data_path), "pairs": len(rows), "updates": total, "epochs": epoch,
                 "world_size": world, "first": records[0], "last": records[-1], "log": run.rel(log_path)}
         with writing(out, meta) as tmp:
@@ -195,10 +197,11 @@ def _zero_sums(device) -> dict:
     return {k: torch.zeros((), dtype=torch.float64, device=device) for k in (*METRICS, "pairs", "batches", "tokens")}
 
 
-def _accumulate(sums: dict, beta: float, losses, loss, pc, pr, rc, rr, batch) -> None:
+def _accumulate(sums: dict, beta: float, dpo_loss, loss, pc, pr, rc, rr, batch) -> None:
     rc, rr = rc.to(pc.device), rr.to(pc.device)
     chosen_reward, rejected_reward = beta * (pc - rc), beta * (pr - rr)
     sums["loss"] += loss.double()
+    sums["loss/dpo"] += dpo_loss.double()
     sums["batches"] += 1
     sums["rewards/chosen"] += chosen_reward.sum().double()
     sums["rewards/rejected"] += rejected_reward.sum().double()
@@ -218,7 +221,8 @@ def _record(accelerator, sums: dict, step: int, update: int, epoch: int, lr: flo
     pairs, batches = max(totals["pairs"], 1.0), max(totals["batches"], 1.0)
     record = {"step": step, "update": update, "epoch": epoch}
     record["loss"] = totals["loss"] / batches
-    for key in METRICS[1:]:
+    record["loss/dpo"] = totals["loss/dpo"] / batches  # without the NLL term
+    for key in METRICS[2:]:
         record[key] = totals[key] / pairs
     record["lr"] = lr
     record["grad_norm"] = float(grad_norm) if grad_norm is not None else None
@@ -233,13 +237,14 @@ def _check_first_update(record: dict, expected: float, applies: bool, loss: str,
         console.info(f"train step {step}: update 0 loss {record['loss']:.6f} (target init != reference: no ln 2 check)")
         record["check"] = "skipped"
         return
-    off = abs(record["loss"] - expected)
+    off = abs(record["loss/dpo"] - expected)
     record["check"] = "ok" if off <= 1e-3 else "FAILED"
     if off <= 1e-3:
-        console.info(f"train step {step}: update 0 loss {record['loss']:.6f} = expected {expected:.6f} for "
+        console.info(f"train step {step}: update 0 loss {record['loss/dpo']:.6f} = expected {expected:.6f} for "
                      f"{loss} at target == reference (ln 2 check ok)")
     else:
         console.console.print(
-            f"[bold red]WARNING: step {step} update 0 loss {record['loss']:.6f} != {expected:.6f} (off by {off:.2e}). "
+            f"[bold red]WARNING: step {step} update 0 loss {record['loss/dpo']:.6f} != {expected:.6f} "
+            f"(off by {off:.2e}). "
             "The target should equal the reference here: the reference log-probs were computed on other tokens, "
             "another model or other numerics. Redo `sdpo reflogp --force` for this step.[/]")

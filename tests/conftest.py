@@ -140,7 +140,7 @@ def tiny_config(tmp_path, tiny_model_dir):
 
 def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
     """The real console entry point in a subprocess: exit codes and stderr exactly as a user sees them."""
-    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1", **(env or {})}
-    full_env.pop("SDPO_DEBUG", None)
+    full_env = {k: v for k, v in os.environ.items() if k != "SDPO_DEBUG"}
+    full_env.update({"HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1", **(env or {})})
     return subprocess.run([sys.executable, "-m", "sdpo_cli", *args], capture_output=True, text=True,
                           cwd=str(cwd or ROOT), env=full_env, timeout=600)
