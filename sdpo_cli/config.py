@@ -103,6 +103,7 @@ class TrainConfig:
     logging_every: int = 10  # updates between metric lines; update 0 is always logged
     report_to: List[str] = field(default_factory=list)  # accelerate trackers: tensorboard | wandb
     save_optimizer: bool = False  # keep optimizer state next to M_t (large)
+    save_every: int = 500  # updates between resumable states of a step (checkpoints/.step-t.state); 0 = never
 
 
 @dataclass
@@ -281,6 +282,8 @@ def validate(cfg: SdpoConfig, where: str = "config") -> None:
                        ("gradient_accumulation", tr.gradient_accumulation), ("logging_every", tr.logging_every)):
         if value < 1:
             raise bad(f"train.{key}", "must be at least 1", f"e.g. train.{key}=1")
+    if tr.save_every < 0:
+        raise bad("train.save_every", "must be 0 (off) or positive", "e.g. train.save_every=500")
     if tr.max_updates is not None and tr.max_updates < 1:
         raise bad("train.max_updates", "must be at least 1", "or null to train for train.epochs")
     if tr.epochs <= 0:

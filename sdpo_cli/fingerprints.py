@@ -56,7 +56,7 @@ def reflogp_fp(cfg: SdpoConfig, run: RunDir, step: int) -> str:
 
 
 # train.* keys that do not change the weights: editing them must not make a finished checkpoint stale.
-NOT_WEIGHTS = ("logging_every", "report_to", "save_optimizer")
+NOT_WEIGHTS = ("logging_every", "report_to", "save_optimizer", "save_every")
 
 
 def train_fp(cfg: SdpoConfig, run: RunDir, step: int) -> str:

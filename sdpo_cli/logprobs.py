@@ -5,10 +5,18 @@ log π(y|x) is the SUM over completion tokens (the reply plus the EOS / end-of-t
 log p(token | everything before it), excluding every prompt token (BOS included) and padding. Token i is scored from
 the hidden state at position i-1. Softmax statistics and sums are float32 whatever the model dtype (DESIGN §1).
 
-Layout: a batch of B pairs is 2B right-padded rows [chosen_1..chosen_B; rejected_1..rejected_B] (TRL's layout).
-We run the decoder body, gather only the hidden states that score a completion token, and apply the LM head to them
-in chunks, so the [tokens x vocab] logits of the whole batch never exist at once; in training each chunk is
-recomputed in backward instead of being kept (activation checkpointing of the head only).
+Layouts (`collate_pairs(..., layout=)`), all giving the same per-pair sums (tests/test_layouts.py):
+
+* ``padded`` — a batch of B pairs is 2B right-padded rows [chosen_1..chosen_B; rejected_1..rejected_B] (TRL's
+  layout); the prompt is computed twice.
+* ``prefix`` — prefix sharing (Wang & Hegde, arXiv 2410.20305): B rows, one per pair, ``prompt + chosen +
+  rejected``. The rejected segment's position ids continue after the prompt (P..P+R-1), an explicit 4D boolean mask
+  [B,1,L,L] is causal within the row and hides the chosen keys from the rejected queries, and the first rejected
+  token is scored from the last prompt position. The prompt's forward and backward run once per pair.
+
+In every layout we run the decoder body, gather only the hidden states that score a completion token, and apply the
+LM head to them in chunks, so the [tokens x vocab] logits of the whole batch never exist at once; in training each
+chunk is recomputed in backward instead of being kept (activation checkpointing of the head only).
 """
 
 from __future__ import annotations
@@ -18,16 +26,21 @@ from dataclasses import dataclass
 import torch
 from torch.utils.checkpoint import checkpoint
 
-HEAD_CHUNK = 4096  # scored tokens per LM-head chunk: 4096 x 32K vocab x 4 bytes = 0.5 GB of fp32 logits at most
+HEAD_CHUNK = 4096  # scored tokens per LM-head chunk at most
+HEAD_CHUNK_ELEMENTS = 1 << 25  # and at most 32M logits (128 MB in fp32) per chunk: 1024 tokens at a 32K vocabulary
+LAYOUTS = ("padded", "prefix")
+MASKED_ATTENTION = ("sdpa", "eager")  # implementations that take our explicit 4D mask as a tensor
+# (flex_attention would need a BlockMask; its CPU compile fails in torch 2.13 and it has no CPU backward)
 
 
 @dataclass
 class PairBatch:
     """Token tensors for one forward pass over B pairs.
 
-    input_ids, attention_mask: (2B, L). score_index: (K,) flat indices into the (2B*L) positions whose hidden state
-    predicts a completion token; targets: (K,) those tokens; segment: (K,) 2i for pair i's chosen, 2i+1 for its
-    rejected. chosen_tokens / rejected_tokens: (B,) completion lengths.
+    padded: input_ids, attention_mask (2B, L), position_ids None. prefix: input_ids, position_ids (B, L) and a boolean
+    attention_mask (B, 1, L, L) (True = may attend). score_index: (K,) flat indices into the (rows*L) positions whose
+    hidden state predicts a completion token; targets: (K,) those tokens; segment: (K,) 2i for pair i's chosen, 2i+1
+    for its rejected. chosen_tokens / rejected_tokens: (B,) completion lengths.
     """
 
     input_ids: torch.Tensor
@@ -37,17 +50,27 @@ class PairBatch:
     segment: torch.Tensor
     chosen_tokens: torch.Tensor
     rejected_tokens: torch.Tensor
+    position_ids: torch.Tensor | None = None
 
     @property
     def n_pairs(self) -> int:
         return self.chosen_tokens.shape[0]
 
+    @property
+    def layout(self) -> str:
+        return "padded" if self.attention_mask.dim() == 2 else "prefix"
+
     def to(self, device, non_blocking: bool = False) -> PairBatch:
-        return PairBatch(**{k: v.to(device, non_blocking=non_blocking) for k, v in self.__dict__.items()})
+        return PairBatch(**{k: v.to(device, non_blocking=non_blocking) if v is not None else None
+                            for k, v in self.__dict__.items()})
 
 
-def collate_pairs(pairs: list[dict], pad_id: int) -> PairBatch:
+def collate_pairs(pairs: list[dict], pad_id: int, layout: str = "padded") -> PairBatch:
     """pairs: dicts with prompt_ids, chosen_ids, rejected_ids. Masks come from lengths, never from the pad id."""
+    if layout == "prefix":
+        return _collate_prefix(pairs, pad_id)
+    if layout != "padded":
+        raise ValueError(f"unknown layout {layout!r}: use one of {', '.join(LAYOUTS)}")
     rows, scored = [], []
     for which in ("chosen_ids", "rejected_ids"):
         for i, pair in enumerate(pairs):
@@ -76,14 +99,112 @@ def collate_pairs(pairs: list[dict], pad_id: int) -> PairBatch:
     )
 
 
+_PROMPT, _CHOSEN, _REJECTED, _PAD = 0, 1, 2, 3
+
+
+def _collate_prefix(pairs: list[dict], pad_id: int) -> PairBatch:
+    """One row per pair: prompt (positions 0..P-1), chosen (P..P+C-1), rejected (again P..P+R-1), right padding.
+
+    Chosen token j is scored from row position P-1+j as in the padded layout; rejected token 0 from P-1 (the last
+    prompt token: the rejected segment continues the prompt, not the chosen reply), rejected token j>0 from
+    P+C+j-1. Padding positions get position id 0 and attend only to themselves (no fully masked query row, whose
+    softmax would be NaN in some sdpa kernels).
+    """
+    length = max(len(p["prompt_ids"]) + len(p["chosen_ids"]) + len(p["rejected_ids"]) for p in pairs)
+    n = len(pairs)
+    input_ids = torch.full((n, length), pad_id, dtype=torch.long)
+    position_ids = torch.zeros((n, length), dtype=torch.long)
+    part = torch.full((n, length), _PAD, dtype=torch.long)
+    score_index, targets, segment = [], [], []
+    for i, pair in enumerate(pairs):
+        p, c, r = pair["prompt_ids"], pair["chosen_ids"], pair["rejected_ids"]
+        P, C, R = len(p), len(c), len(r)
+        base = i * length
+        input_ids[i, : P + C + R] = torch.tensor(p + c + r, dtype=torch.long)
+        position_ids[i, : P + C] = torch.arange(P + C)
+        position_ids[i, P + C: P + C + R] = torch.arange(P, P + R)
+        part[i, :P], part[i, P: P + C], part[i, P + C: P + C + R] = _PROMPT, _CHOSEN, _REJECTED
+        score_index.extend(range(base + P - 1, base + P + C - 1))
+        if R:
+            score_index.append(base + P - 1)
+            score_index.extend(range(base + P + C, base + P + C + R - 1))
+        targets.extend(c + r)
+        segment.extend([2 * i] * C + [2 * i + 1] * R)
+    real = part != _PAD
+    q_part, k_part = part[:, :, None], part[:, None, :]
+    allowed = torch.ones(length, length, dtype=torch.bool).tril()[None] & real[:, :, None] & real[:, None, :]
+    allowed &= ~((q_part == _REJECTED) & (k_part == _CHOSEN))
+    allowed |= torch.eye(length, dtype=torch.bool)[None]
+    return PairBatch(
+        input_ids=input_ids,
+        attention_mask=allowed[:, None],
+        position_ids=position_ids,
+        score_index=torch.tensor(score_index, dtype=torch.long),
+        targets=torch.tensor(targets, dtype=torch.long),
+        segment=torch.tensor(segment, dtype=torch.long),
+        chosen_tokens=torch.tensor([len(p["chosen_ids"]) for p in pairs], dtype=torch.long),
+        rejected_tokens=torch.tensor([len(p["rejected_ids"]) for p in pairs], dtype=torch.long),
+    )
+
+
+def _config(model):
+    while not hasattr(model, "config") and hasattr(model, "module"):  # DDP / accelerate wrappers
+        model = model.module
+    return getattr(model, "config", None)
+
+
+def prefix_layout_unsupported(model, max_length: int | None = None) -> str | None:
+    """Why `layout="prefix"` would not give the padded layout's numbers for this model, or None if it does.
+
+    The prefix layout needs an attention implementation that takes an explicit 4D mask tensor (sdpa or eager; not
+    flash_attention_* or flex_attention), and no sliding-window / local layers (the explicit mask replaces the
+    window) unless every sequence fits inside the window (`max_length` <= window).
+    """
+    config = _config(model)
+    impl = getattr(config, "_attn_implementation", None) or "eager"
+    if impl not in MASKED_ATTENTION:
+        return f"attn_implementation {impl!r} takes no 4D attention mask (use one of {', '.join(MASKED_ATTENTION)})"
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None) or []
+    local = any(t != "full_attention" for t in layer_types) or (
+        window is not None and getattr(config, "use_sliding_window", True))
+    if local and (window is None or max_length is None or max_length > window):
+        return (f"the model has sliding-window / local attention layers (window {window}, sequences up to "
+                f"{max_length} tokens): an explicit mask would override the window")
+    return None
+
+
+def _attention_inputs(model, batch: PairBatch) -> dict:
+    """The mask (and position ids) in the form the model's attention implementation takes."""
+    if batch.position_ids is None:
+        return {"attention_mask": batch.attention_mask}
+    mask = batch.attention_mask
+    if mask.dim() == 4:
+        config = _config(model)
+        impl = getattr(config, "_attn_implementation", None) or "eager"
+        if impl == "eager":  # eager adds the mask to the scores: 0 where allowed, the dtype's minimum elsewhere
+            dtype = next(model.parameters()).dtype
+            mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+        elif impl != "sdpa":  # sdpa takes the boolean mask as is (True = attend)
+            raise ValueError(f"layout 'prefix' needs an attention implementation that takes a 4D mask "
+                             f"({', '.join(MASKED_ATTENTION)}), not {impl!r}: use layout 'padded'")
+    return {"attention_mask": mask, "position_ids": batch.position_ids}
+
+
 def _token_logps(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     logits = (hidden @ weight.t()).float()
     return logits.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
+def head_chunk(vocab_size: int) -> int:
+    """Scored tokens per LM-head chunk: HEAD_CHUNK, fewer for large vocabularies (HEAD_CHUNK_ELEMENTS logits)."""
+    return max(64, min(HEAD_CHUNK, HEAD_CHUNK_ELEMENTS // max(vocab_size, 1)))
+
+
 def chunked_token_logps(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                        chunk: int = HEAD_CHUNK) -> torch.Tensor:
+                        chunk: int | None = None) -> torch.Tensor:
     """log p(targets | hidden) for (K, H) hidden states and a (V, H) head, holding one chunk of logits at a time."""
+    chunk = chunk or head_chunk(weight.shape[0])
     out = []
     for start in range(0, hidden.shape[0], chunk):
         h, t = hidden[start:start + chunk], targets[start:start + chunk]
@@ -107,15 +228,19 @@ def _plain_head(model) -> torch.nn.Linear | None:
 
 
 def completion_logps(model, batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed completion log-probs (chosen (B,), rejected (B,)) in float32, with gradients if enabled."""
+    """Summed completion log-probs (chosen (B,), rejected (B,)) in float32, with gradients if enabled.
+
+    Works for either layout; the decoder always gets use_cache=False (a cache would also switch off transformers'
+    own mask handling) and, for the prefix layout, explicit position ids and a 4D mask.
+    """
     head = _plain_head(model)
+    inputs = _attention_inputs(model, batch)
     if head is not None:
-        hidden = model.get_decoder()(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                                     use_cache=False).last_hidden_state
+        hidden = model.get_decoder()(input_ids=batch.input_ids, use_cache=False, **inputs).last_hidden_state
         selected = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch.score_index)
         token_logps = chunked_token_logps(selected, head.weight, batch.targets)
     else:  # exotic heads: full logits through the model's own forward (correct, not lean)
-        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
+        logits = model(input_ids=batch.input_ids, use_cache=False, **inputs).logits
         selected = logits.reshape(-1, logits.shape[-1]).index_select(0, batch.score_index).float()
         token_logps = selected.gather(-1, batch.targets[:, None]).squeeze(-1) - torch.logsumexp(selected, dim=-1)
     sums = torch.zeros(2 * batch.n_pairs, dtype=torch.float32, device=token_logps.device)
@@ -129,28 +254,92 @@ def length_sorted_batches(lengths: list[int], batch_size: int) -> list[list[int]
     return [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
 
 
-def pair_length(pair: dict) -> int:
-    return len(pair["prompt_ids"]) + max(len(pair["chosen_ids"]), len(pair["rejected_ids"]))
+def length_grouped_batches(lengths: list[int], batch_size: int, generator_seed: int,
+                           mega: int | None = None) -> list[list[int]]:
+    """Training batches of similar length in a random order, HF `group_by_length` style; deterministic per seed.
+
+    Shuffle all indices, cut them into mega-batches of `mega` batches (default as transformers:
+    min(50, n // (4 * batch_size)), at least 1), sort each mega-batch longest first, cut it into batches, shuffle the
+    full batches, keep the one short batch (if n is not a multiple of batch_size) last, and move the batch holding
+    the longest pair to the front (a too-long batch fails at update 0, not after an hour). Every index appears exactly
+    once. Use `pair_lengths(pairs, layout)` for `lengths`.
+    """
+    n = len(lengths)
+    if batch_size < 1:
+        raise ValueError("batch_size must be at least 1")
+    if n == 0:
+        return []
+    if mega is None:
+        mega = min(50, n // (4 * batch_size))
+    mega = max(1, int(mega))
+    g = torch.Generator().manual_seed(int(generator_seed))
+    perm = torch.randperm(n, generator=g).tolist()
+    span = mega * batch_size
+    batches = []
+    for s in range(0, n, span):
+        group = sorted(perm[s:s + span], key=lambda i: -lengths[i])  # stable: ties keep the shuffled order
+        batches.extend(group[j:j + batch_size] for j in range(0, len(group), batch_size))
+    tail = [batches.pop()] if len(batches[-1]) < batch_size else []
+    batches = [batches[k] for k in torch.randperm(len(batches), generator=g).tolist()] + tail
+    longest = max(range(len(batches)), key=lambda b: max(lengths[i] for i in batches[b]))
+    if len(batches[longest]) == len(batches[0]):
+        batches[0], batches[longest] = batches[longest], batches[0]
+    else:  # the short tail batch holds it: swap that one pair into the first batch instead (as transformers does)
+        j = max(range(len(batches[longest])), key=lambda k: lengths[batches[longest][k]])
+        batches[0][0], batches[longest][j] = batches[longest][j], batches[0][0]
+    return batches
+
+
+class LengthGroupedBatchSampler:
+    """`DataLoader(batch_sampler=...)` over `length_grouped_batches`: epoch k uses seed + k (set_epoch or each
+    full iteration advances it), so every epoch has a fresh, reproducible order."""
+
+    def __init__(self, lengths: list[int], batch_size: int, seed: int, mega: int | None = None):
+        self.lengths, self.batch_size, self.seed, self.mega = list(lengths), batch_size, seed, mega
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        batches = length_grouped_batches(self.lengths, self.batch_size, self.seed + self.epoch, self.mega)
+        self.epoch += 1
+        yield from batches
+
+    def __len__(self) -> int:
+        return -(-len(self.lengths) // self.batch_size)
+
+
+def pair_length(pair: dict, layout: str = "padded") -> int:
+    """Row length of the pair in `layout`: P + max(C, R) (padded) or P + C + R (prefix)."""
+    p, c, r = len(pair["prompt_ids"]), len(pair["chosen_ids"]), len(pair["rejected_ids"])
+    return p + c + r if layout == "prefix" else p + max(c, r)
+
+
+def pair_lengths(pairs, layout: str = "padded") -> list[int]:
+    """`pair_length` of every pair; `pairs` is a list of dicts or a datasets.Dataset (read column-wise)."""
+    if hasattr(pairs, "column_names"):
+        rows = zip(pairs["prompt_ids"], pairs["chosen_ids"], pairs["rejected_ids"])
+        return [pair_length({"prompt_ids": p, "chosen_ids": c, "rejected_ids": r}, layout) for p, c, r in rows]
+    return [pair_length(p, layout) for p in pairs]
 
 
 @torch.inference_mode()
 def score_pairs(model, pairs, pad_id: int, batch_size: int, device, autocast=None, progress=None,
-                description: str = "log-probs") -> tuple[list[float], list[float]]:
+                description: str = "log-probs", layout: str = "padded") -> tuple[list[float], list[float]]:
     """Completion log-probs of every pair (in input order) under `model`, in length-sorted inference batches.
 
     `pairs` is any sequence of dicts with prompt_ids, chosen_ids, rejected_ids (a datasets.Dataset works).
     """
     from contextlib import nullcontext
 
-    lengths = [len(p) + max(len(c), len(r)) for p, c, r in
-               zip(pairs["prompt_ids"], pairs["chosen_ids"], pairs["rejected_ids"])] if hasattr(pairs, "column_names") \
-        else [pair_length(p) for p in pairs]
+    lengths = pair_lengths(pairs, layout)
     chosen = [0.0] * len(lengths)
     rejected = [0.0] * len(lengths)
     task = progress.add_task(description, total=len(lengths), status="") if progress is not None else None
     for idx in length_sorted_batches(lengths, batch_size):
         rows = [pairs[i] for i in idx]
-        batch = collate_pairs(rows, pad_id).to(device)
+        batch = collate_pairs(rows, pad_id, layout).to(device)
         with autocast() if autocast is not None else nullcontext():
             c, r = completion_logps(model, batch)
         for i, cv, rv in zip(idx, c.tolist(), r.tolist()):

@@ -152,9 +152,9 @@ def writing(path: Path, meta: dict) -> Iterator[Path]:
     An existing artifact at `path` (a forced redo) is replaced only once the new one is complete.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{path.name}.tmp-*"):  # left by a killed writer: never a finished artifact
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
     tmp.mkdir()
     start = time.time()
     try:

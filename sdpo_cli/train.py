@@ -12,7 +12,11 @@ Vocabulary: an *update* is one optimizer step (gradient_accumulation micro-batch
 from __future__ import annotations
 
 import json
+import logging
 import math
+import os
+import shutil
+import signal
 import time
 from pathlib import Path
 
@@ -20,9 +24,9 @@ import torch
 
 from sdpo_cli import console
 from sdpo_cli.config import SdpoConfig, num_steps, section
-from sdpo_cli.errors import ArtifactError, ConfigError
+from sdpo_cli.errors import ArtifactError, ConfigError, SdpoError
 from sdpo_cli.fingerprints import reflogp_fp, require_data, train_fp
-from sdpo_cli.logprobs import collate_pairs, completion_logps
+from sdpo_cli.logprobs import collate_pairs, completion_logps, pair_length
 from sdpo_cli.loss import dpo_losses, loss_at_equal_models
 from sdpo_cli.models import disable_dropout, load_model, load_tokenizer, reference_model, target_init_model
 from sdpo_cli.rundir import RunDir, check_not_stale, read_meta, writing
@@ -76,9 +80,9 @@ def run_train(cfg: SdpoConfig, step: int, force: bool = False) -> Path:
         ref = torch.tensor([[x["ref_chosen"], x["ref_rejected"]] for x in batch], dtype=torch.float32)
         return b, ref
 
-    generator = torch.Generator().manual_seed(cfg.seed + step)
-    loader = torch.utils.data.DataLoader(rows, batch_size=tr.per_device_batch_size, shuffle=tr.shuffle,
-                                         collate_fn=collate, generator=generator, drop_last=False)
+    order = EpochBatches([pair_length(r) for r in rows], tr.per_device_batch_size, seed=cfg.seed + step,
+                         shuffle=tr.shuffle)
+    loader = torch.utils.data.DataLoader(rows, batch_sampler=order, collate_fn=collate)
 
     # ---- the target: M_{t-1} (or S, per dpo.target_init)
     init = target_init_model(cfg, run, step)
@@ -100,6 +104,7 @@ def run_train(cfg: SdpoConfig, step: int, force: bool = False) -> Path:
     total = tr.max_updates or max(1, math.ceil(tr.epochs * updates_per_epoch))
     scheduler = get_scheduler(tr.lr_schedule, optimizer, num_warmup_steps=math.ceil(tr.warmup_ratio * total),
                               num_training_steps=total)
+    accelerator.register_for_checkpointing(scheduler)
     world = accelerator.num_processes
     console.info(f"train step {step}: target from {init}, π_ref = {reference}; {len(rows)} pairs, "
                  f"{total} updates of {tr.per_device_batch_size}×{tr.gradient_accumulation}×{world} = "
@@ -107,19 +112,31 @@ def run_train(cfg: SdpoConfig, step: int, force: bool = False) -> Path:
     if tr.report_to:
         accelerator.init_trackers(f"sdpo-step-{step}", config=section(cfg, "dpo", "train"))
 
-    # ---- the loop
+    # ---- resume from the step's last saved state, if it was made by this very configuration
     log_path = run.train_log(step)
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    records: list[dict] = []
+    state_dir = out.with_name(f".{out.name}.state")
+    progress = _load_state(accelerator, state_dir, fp, step)
+    records = _read_records(log_path)[: progress["records"]] if progress else []
+    update, epoch, skip = (progress["update"], progress["epoch"], progress["batches"]) if progress else (0, 0, 0)
+
+    # ---- the loop
     sums = _zero_sums(accelerator.device)
     expected0 = loss_at_equal_models(cfg.dpo.loss, cfg.dpo.beta, cfg.dpo.label_smoothing)
     check_ln2 = reference == init  # target == reference at update 0 only when both start from the same model
-    update, epoch, t_last = 0, 0, time.time()
+    t_last = time.time()
     model.train()
-    with console.progress() as bar, log_path.open("w") as log_file:
-        task = bar.add_task(f"train step {step}", total=total, status="")
+    with console.progress() as bar, _StopSignals() as stop, log_path.open("w") as log_file:
+        for record in records:  # the log up to the saved state; later lines are redone
+            log_file.write(json.dumps(record) + "\n")
+        task = bar.add_task(f"train step {step}", total=total, completed=update, status="")
         while update < total:
-            for batch, ref in loader:
+            order.set_epoch(epoch)
+            batches = accelerator.skip_first_batches(loader, skip) if skip else loader
+            done_in_epoch = skip
+            skip = 0
+            for batch, ref in batches:
+                done_in_epoch += 1
                 with accelerator.accumulate(model):
                     policy_c, policy_r = completion_logps(model, batch)
                     ref_c, ref_r = ref[:, 0], ref[:, 1]
@@ -161,7 +178,16 @@ def run_train(cfg: SdpoConfig, step: int, force: bool = False) -> Path:
                 bar.update(task, completed=update)
                 if update >= total:
                     break
-            epoch += 1
+                stopping = stop.requested(accelerator)
+                if stopping or (tr.save_every and update % tr.save_every == 0):
+                    _save_state(accelerator, state_dir, {"fingerprint": fp, "update": update, "epoch": epoch,
+                                                         "batches": done_in_epoch, "records": len(records)})
+                if stopping:
+                    raise Interrupted(
+                        f"train step {step}: stopped by {stopping} after update {update}/{total}; state saved in "
+                        f"{state_dir}", hint="rerun the same command to resume from there")
+            else:
+                epoch += 1
 
     # ---- save M_t in Hugging Face layout
     accelerator.wait_for_everyone()
@@ -181,6 +207,7 @@ def run_train(cfg: SdpoConfig, step: int, force: bool = False) -> Path:
             if tr.save_optimizer:
                 torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         console.info(f"train step {step}: loss {records[0]['loss']:.4f} -> {records[-1]['loss']:.4f}; wrote {out}")
+        shutil.rmtree(state_dir, ignore_errors=True)  # M_t is complete: the resume state has served
     accelerator.wait_for_everyone()
     return out
 
@@ -248,3 +275,112 @@ def _check_first_update(record: dict, expected: float, applies: bool, loss: str,
             f"(off by {off:.2e}). "
             "The target should equal the reference here: the reference log-probs were computed on other tokens, "
             "another model or other numerics. Redo `sdpo reflogp --force` for this step.[/]")
+
+
+class Interrupted(SdpoError):
+    """Training stopped on SIGINT/SIGTERM at an update boundary, after saving its state."""
+
+    exit_code = 130
+
+
+class EpochBatches:
+    """The batch order of each epoch as a pure function of (seed, epoch), so a resumed step replays exactly the
+    batches an uninterrupted one would have seen. Used as the DataLoader's batch_sampler; accelerate shards it
+    across processes."""
+
+    def __init__(self, lengths: list[int], batch_size: int, seed: int, shuffle: bool = True):
+        self.lengths, self.batch_size, self.seed, self.shuffle = lengths, batch_size, seed, shuffle
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def batches(self, epoch: int) -> list[list[int]]:
+        n = len(self.lengths)
+        if self.shuffle:
+            idx = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 1000 + epoch)).tolist()
+        else:
+            idx = list(range(n))
+        return [idx[i:i + self.batch_size] for i in range(0, n, self.batch_size)]
+
+    def __iter__(self):
+        return iter(self.batches(self.epoch))
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.lengths) / self.batch_size)
+
+
+class _StopSignals:
+    """SIGINT / SIGTERM set a flag; the loop stops at the next update boundary after saving its state. A second
+    signal falls back to the default behaviour (immediate stop)."""
+
+    def __init__(self):
+        self.received: str | None = None
+        self.previous: dict = {}
+
+    def __enter__(self):
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.received = signal.Signals(signum).name
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def requested(self, accelerator) -> str | None:
+        if accelerator.num_processes > 1:  # every rank must stop at the same update
+            flag = torch.tensor([1.0 if self.received else 0.0], device=accelerator.device)
+            if accelerator.reduce(flag, reduction="sum").item() > 0:
+                return self.received or "a signal on another rank"
+            return None
+        return self.received
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        return False
+
+
+def _save_state(accelerator, state_dir: Path, progress: dict) -> None:
+    """Model, optimizer, scheduler and RNG states (accelerate) + our progress, replaced atomically."""
+    tmp = state_dir.with_name(state_dir.name + ".tmp")
+    if accelerator.is_main_process and tmp.exists():
+        shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    quiet = logging.getLogger("accelerate")  # its per-save notes (tied weights dropped and re-tied) are noise here
+    level, quiet.level = quiet.level, logging.ERROR
+    try:
+        accelerator.save_state(str(tmp))
+    finally:
+        quiet.setLevel(level)
+    if accelerator.is_main_process:
+        (tmp / "progress.json").write_text(json.dumps(progress) + "\n")  # written last: marks the state complete
+        old = state_dir.with_name(state_dir.name + ".old")
+        if state_dir.exists():
+            os.replace(state_dir, old)
+        os.replace(tmp, state_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def _load_state(accelerator, state_dir: Path, fp: str, step: int) -> dict | None:
+    progress_file = state_dir / "progress.json"
+    if not progress_file.is_file():
+        return None
+    progress = json.loads(progress_file.read_text())
+    if progress.get("fingerprint") != fp:
+        console.warn(f"train step {step}: ignoring {state_dir}: it was saved by another configuration")
+        return None
+    accelerator.load_state(str(state_dir))
+    console.info(f"train step {step}: resuming after update {progress['update']} from {state_dir}")
+    return progress
+
+
+def _read_records(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
