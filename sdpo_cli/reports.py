@@ -29,6 +29,9 @@ def plot_gamma(results: list[dict], path: Path, title: str | None = None) -> Pat
                   + ["#4c72b0"] * max(0, len(labels) - 4))
     ax.bar_label(bars, labels=[f"{m:.2f}" for m in means], padding=3)
     ax.axhline(0, color="black", linewidth=0.8)
+    low = min([0.0] + [m - s for m, s in zip(means, stds)])
+    high = max([0.0] + [m + s for m, s in zip(means, stds)])
+    ax.set_ylim(low - 0.12 * (high - low or 1), high + 0.12 * (high - low or 1))  # room for the value labels
     ax.set_xlabel("checkpoint used as reference")
     ax.set_ylabel("mean γ = log π(chosen) − log π(rejected)")
     data = results[0]["data"] if results else ""
@@ -44,7 +47,8 @@ def read_log(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def plot_losses(curves: dict[str, list[dict]], path: Path, title: str = "DPO loss per update") -> Path:
+def plot_losses(curves: dict[str, list[dict]], path: Path, title: str = "DPO loss per update",
+                legend: str = "best") -> Path:
     """One line per labelled training log (a list of logged records with 'update' and 'loss')."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -54,7 +58,7 @@ def plot_losses(curves: dict[str, list[dict]], path: Path, title: str = "DPO los
     ax.set_xlabel("update (optimizer step) within the sDPO step")
     ax.set_ylabel("loss")
     ax.set_title(title)
-    ax.legend()
+    ax.legend(loc=legend)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
