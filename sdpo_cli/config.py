@@ -107,6 +107,15 @@ class TrainConfig:
 
 
 @dataclass
+class LoraConfig:
+    enabled: bool = False  # train a LoRA adapter per step (peft), merged into M_t when the step ends
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.0
+    target_modules: Optional[List[str]] = None  # None: peft's default for the architecture; or e.g. [q_proj, v_proj]
+
+
+@dataclass
 class InferenceConfig:
     batch_size: int = 16  # pairs per forward pass in reflogp, gamma and curriculum scoring
 
@@ -121,6 +130,7 @@ class SdpoConfig:
     dpo: DPOConfig = field(default_factory=DPOConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     inference: InferenceConfig = field(default_factory=InferenceConfig)
+    peft: LoraConfig = field(default_factory=LoraConfig)
 
 
 def load_config(path: Path | str, overrides: list[str] | None = None) -> SdpoConfig:
@@ -156,7 +166,13 @@ def load_config(path: Path | str, overrides: list[str] | None = None) -> SdpoCon
         raise _config_error(str(path), e) from None
     validate(obj, where=str(path))
     obj.run_dir = str(Path(obj.run_dir).expanduser().resolve())  # relative to the working directory
+    obj._file = str(path)  # for messages about keys found wrong later (not a config key: not saved, not hashed)
     return obj
+
+
+def config_file(cfg: SdpoConfig) -> str:
+    """The YAML file `cfg` was loaded from, to name it in an error about one of its keys."""
+    return getattr(cfg, "_file", "config")
 
 
 def _one_line(e: Exception) -> str:
@@ -290,6 +306,8 @@ def validate(cfg: SdpoConfig, where: str = "config") -> None:
         raise bad("train.epochs", "must be positive", "e.g. train.epochs=1")
     if not 0 <= tr.warmup_ratio < 1:
         raise bad("train.warmup_ratio", "must be in [0, 1)", "e.g. 0.1")
+    if cfg.peft.enabled and (cfg.peft.r < 1 or cfg.peft.alpha <= 0):
+        raise bad("peft.r", "LoRA rank and alpha must be positive", "e.g. peft.r=16 peft.alpha=32")
     if cfg.inference.batch_size < 1:
         raise bad("inference.batch_size", "must be at least 1", "e.g. inference.batch_size=16")
 

@@ -61,8 +61,11 @@ NOT_WEIGHTS = ("logging_every", "report_to", "save_optimizer", "save_every")
 
 def train_fp(cfg: SdpoConfig, run: RunDir, step: int) -> str:
     reflogp = read_meta(run.reflogp(step)) or {}
-    config = section(cfg, "dpo", "train")
+    config = section(cfg, "dpo", "train", "peft")
     config["train"] = {k: v for k, v in config["train"].items() if k not in NOT_WEIGHTS}
+    # dpo.reference / dpo.target_init enter through the models they name (reflogp's fingerprint, the init model's
+    # identity), so step 1 of `target_init=base` and of `previous` (both start from S) is the same computation.
+    config["dpo"] = {k: v for k, v in config["dpo"].items() if k not in ("reference", "target_init")}
     return fingerprint("train", data_fp(run, step), reflogp.get("fingerprint"),
                        model_identity(target_init_model(cfg, run, step), cfg.model.revision), config, cfg.seed,
                        numerics(cfg))

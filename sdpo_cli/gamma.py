@@ -15,11 +15,12 @@ from pathlib import Path
 
 from sdpo_cli import console
 from sdpo_cli.config import SdpoConfig, SourceConfig, num_steps
+from sdpo_cli.console import is_main_process
 from sdpo_cli.data.formats import load_pairs
 from sdpo_cli.data.tokenize import tokenize_pairs
 from sdpo_cli.errors import ConfigError, DataError
 from sdpo_cli.fingerprints import data_fp, logps_fp, require_data
-from sdpo_cli.models import disable_dropout, load_model, load_tokenizer, named_model
+from sdpo_cli.models import check_base, disable_dropout, load_model, load_tokenizer, named_model
 from sdpo_cli.rundir import RunDir, file_fingerprint, read_meta, write_json_atomic, writing
 
 
@@ -28,6 +29,7 @@ def run_gamma(cfg: SdpoConfig, checkpoints: list[str] | None = None, data: str |
     import datasets
 
     run = RunDir(cfg.run_dir)
+    check_base(cfg.model)
     tok = load_tokenizer(cfg.model)
     data = data or f"step-{num_steps(cfg)}"
     pairs, data_identity = _load_data(cfg, run, data, tok)
@@ -43,12 +45,15 @@ def run_gamma(cfg: SdpoConfig, checkpoints: list[str] | None = None, data: str |
         if gammas is None:
             model_cache = model_cache or _Scorer(cfg, tok)
             gammas = model_cache.gammas(source, pairs, f"γ {label} on {data}")
-            cached = run.cache / "logps" / f"{_safe(label)}--{_safe(data)}"
-            with writing(cached, {"stage": "gamma", "fingerprint": fp, "model": source, "data": data,
-                                  "rows": len(gammas)}) as tmp:
-                datasets.Dataset.from_dict({"id": pairs["id"], "gamma": gammas}).save_to_disk(str(tmp))
+            if is_main_process():
+                cached = run.cache / "logps" / f"{_safe(label)}--{_safe(data)}"
+                with writing(cached, {"stage": "gamma", "fingerprint": fp, "model": source, "data": data,
+                                      "rows": len(gammas)}) as tmp:
+                    datasets.Dataset.from_dict({"id": pairs["id"], "gamma": gammas}).save_to_disk(str(tmp))
+            model_cache.accelerator.wait_for_everyone()
         results.append(summarize(label, data, gammas))
-    write_json_atomic(run.reports / "gamma.json", results)
+    if is_main_process():
+        write_json_atomic(run.reports / "gamma.json", results)
     return results
 
 
@@ -95,19 +100,19 @@ class _Scorer:
     """Loads each checkpoint in turn on the accelerator's device and scores the pairs."""
 
     def __init__(self, cfg: SdpoConfig, tok):
-        from accelerate import Accelerator
+        from sdpo_cli.distributed import make_accelerator
 
         self.cfg, self.tok = cfg, tok
-        self.accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision)
+        self.accelerator = make_accelerator(mixed_precision=cfg.train.mixed_precision)
 
     def gammas(self, source: str, pairs, description: str) -> list[float]:
-        from sdpo_cli.logprobs import score_pairs
+        from sdpo_cli.distributed import score_pairs_sharded
 
         model = load_model(self.cfg.model, source).to(self.accelerator.device)
         disable_dropout(model)
         with console.progress() as bar:
-            chosen, rejected = score_pairs(model, pairs, self.tok.pad_token_id, self.cfg.inference.batch_size,
-                                           self.accelerator.device, self.accelerator.autocast, bar, description)
+            chosen, rejected = score_pairs_sharded(self.accelerator, model, pairs, self.tok.pad_token_id,
+                                                   self.cfg.inference.batch_size, bar, description)
         del model
         return [c - r for c, r in zip(chosen, rejected)]
 

@@ -50,11 +50,14 @@ def load_tokenizer(cfg: ModelConfig, path: str | None = None):
     from transformers import AutoTokenizer
 
     source = path or cfg.base
+    if path is None:
+        check_base(cfg, weights=False)
     try:
         tok = AutoTokenizer.from_pretrained(source, **_hub_kwargs(cfg))
     except (OSError, ValueError) as e:
-        raise SdpoError(f"{source}: cannot load a tokenizer ({_first_line(e)})",
-                        hint="model.base must be a hub id or a folder with tokenizer files") from None
+        error = ConfigError if path is None else SdpoError  # model.base is the user's setting; a checkpoint is not
+        raise error(f"{source}: cannot load a tokenizer ({_first_line(e)})",
+                    hint="model.base must be a hub id or a folder with tokenizer files") from None
     if tok.pad_token is None:
         # Padding never reaches the loss (masks come from token counts), so any existing token will do.
         tok.pad_token = cfg.pad_token or tok.unk_token or tok.eos_token
@@ -68,6 +71,40 @@ def load_tokenizer(cfg: ModelConfig, path: str | None = None):
     if tok.eos_token is None:
         raise ConfigError(f"{source}: tokenizer has no EOS token", hint="use a tokenizer that defines eos_token")
     return tok
+
+
+# Files a tokenizer is loaded from (fast, its config, sentencepiece, BPE vocab, WordPiece): a folder with none of them
+# has no tokenizer.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "spiece.model", "vocab.json",
+                   "vocab.txt")
+
+
+def check_base(cfg: ModelConfig, weights: bool = True) -> None:
+    """model.base, checked before any work: a local folder must hold safetensors weights (or pickle ones with
+    model.allow_pickle; not checked when `weights` is false) and tokenizer files. A ConfigError (exit 2) that names
+    the folder and the key. split, reflogp and gamma call it first (so a broken base stops `sdpo run` before the
+    split), and load_tokenizer checks the folder and its tokenizer for every stage."""
+    source = cfg.base
+    local = Path(source).expanduser()
+    if not local.exists():
+        if local.is_absolute() or source.startswith((".", "~")):
+            raise ConfigError(f"{source}: model.base: model folder not found",
+                              hint="check model.base; relative paths start at the config file's folder")
+        return  # a hub id
+    if not local.is_dir():
+        raise ConfigError(f"{source}: model.base: expected a model folder, found a file",
+                          hint="point model.base to the folder with config.json")
+    if weights and not any(local.glob("*.safetensors")):
+        pickled = any(local.glob("*.bin")) or any(local.glob("*.pt"))
+        if not pickled:
+            raise ConfigError(f"{source}: model.base: no model weights (*.safetensors) in this folder",
+                              hint="point model.base to a folder saved with save_pretrained")
+        if not cfg.allow_pickle:
+            raise ConfigError(f"{source}: model.base: only pickle weights (.bin/.pt) found; refusing to load them",
+                              hint="convert to safetensors, or set model.allow_pickle=true if you trust the file")
+    if not any((local / name).is_file() for name in TOKENIZER_FILES):
+        raise ConfigError(f"{source}: model.base: no tokenizer in this folder (none of {', '.join(TOKENIZER_FILES)})",
+                          hint="save the tokenizer next to the weights: tokenizer.save_pretrained(folder)")
 
 
 def load_model(cfg: ModelConfig, path: str | Path | None = None, *, train: bool = False):

@@ -13,14 +13,13 @@ import statistics
 import time
 from pathlib import Path
 
-from accelerate import Accelerator
-
 from sdpo_cli import console
 from sdpo_cli.config import SdpoConfig, num_steps
+from sdpo_cli.distributed import make_accelerator, score_pairs_sharded
 from sdpo_cli.errors import ConfigError, SdpoError
 from sdpo_cli.fingerprints import reflogp_fp, require_data
-from sdpo_cli.logprobs import score_pairs
 from sdpo_cli.models import (
+    check_base,
     disable_dropout,
     load_model,
     load_tokenizer,
@@ -38,6 +37,7 @@ def run_reflogp(cfg: SdpoConfig, step: int, force: bool = False) -> Path:
     run = RunDir(cfg.run_dir)
     if not 1 <= step <= num_steps(cfg):
         raise ConfigError(f"--step {step}: this config has steps 1..{num_steps(cfg)}", hint="pick a step in range")
+    check_base(cfg.model)
     tok = load_tokenizer(cfg.model)
     data_path = require_data(cfg, run, step, tok)
     out = run.reflogp(step)
@@ -52,13 +52,14 @@ def run_reflogp(cfg: SdpoConfig, step: int, force: bool = False) -> Path:
         raise SdpoError(f"{reference}: the reference's tokenizer differs from the base model's",
                         hint="DPO compares log-probs of the same tokens: use a reference with the base's tokenizer")
     pairs = datasets.load_from_disk(str(data_path))
-    accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision)
-    console.info(f"reflogp step {step}: π_ref = {reference}, {len(pairs)} pairs of {run.rel(data_path)}")
+    accelerator = make_accelerator(mixed_precision=cfg.train.mixed_precision)
+    console.info(f"reflogp step {step}: π_ref = {reference}, {len(pairs)} pairs of {run.rel(data_path)}"
+                 + (f", shared by {accelerator.num_processes} processes" if accelerator.num_processes > 1 else ""))
     model = load_model(cfg.model, reference).to(accelerator.device)
     disable_dropout(model)
     with console.progress() as bar:
-        chosen, rejected = score_pairs(model, pairs, tok.pad_token_id, cfg.inference.batch_size, accelerator.device,
-                                       accelerator.autocast, bar, f"reflogp step {step}")
+        chosen, rejected = score_pairs_sharded(accelerator, model, pairs, tok.pad_token_id,
+                                               cfg.inference.batch_size, bar, f"reflogp step {step}")
     gammas = [c - r for c, r in zip(chosen, rejected)]
     meta = {"stage": "reflogp", "step": step, "started": started, "fingerprint": fp, "reference": reference,
             "reference_identity": model_identity(reference), "data": run.rel(data_path), "rows": len(gammas),

@@ -15,6 +15,7 @@ place, so a crash never leaves a half artifact that looks finished.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -83,14 +84,21 @@ class RunDir:
             return str(path)
 
     def ensure(self) -> None:
+        """Create the run directory and prove it writable, before any work: one clear line if it is not."""
+        hint = "pick another folder: run_dir=/path/you/own"
+        blocker = next((p for p in [self.root, *self.root.parents] if p.exists()), None)
+        if blocker is not None and not blocker.is_dir():
+            where = "run_dir is a file" if blocker == self.root else f"{blocker} is a file, not a folder"
+            raise SdpoError(f"{self.root}: run_dir: cannot create the run directory: {where}", hint=hint)
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             probe = self.root / f".write-test-{os.getpid()}"
             probe.write_text("")
             probe.unlink()
         except OSError as e:
-            raise SdpoError(f"{self.root}: run directory is not writable ({e.strerror})",
-                            hint="pick another folder: run_dir=/path/you/own") from None
+            if disk_full(e):
+                raise SdpoError(f"{self.root}: run_dir: disk full", hint=f"free space, or {hint}") from None
+            raise SdpoError(f"{self.root}: run_dir: not writable ({e.strerror})", hint=hint) from None
 
 
 def read_meta(path: Path) -> dict | None:
@@ -143,13 +151,34 @@ def environment() -> dict:
     }
 
 
+def disk_full(e: BaseException) -> bool:
+    """ENOSPC / EDQUOT, also as the libraries report them: pyarrow's OSError without errno, safetensors' Rust
+    IoError (StorageFull), torch's "file write failed" messages are matched on their text."""
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(e)
+    return any(s in text for s in ("No space left on device", "StorageFull", "Disk quota exceeded"))
+
+
+def disk_full_error(path: Path) -> SdpoError:
+    free = ""
+    try:
+        free = f" ({shutil.disk_usage(next(p for p in [path, *path.parents] if p.exists())).free / 2**20:.0f} MiB free)"
+    except (OSError, StopIteration):
+        pass
+    return SdpoError(f"disk full while writing {path}{free}; nothing finished was lost",
+                     hint="free some space (or set run_dir on a larger disk), then rerun the same command")
+
+
 @contextmanager
 def writing(path: Path, meta: dict) -> Iterator[Path]:
     """Yield a temporary sibling folder to fill; on success write meta.json last and move it to `path` atomically.
 
     `meta` may be updated by the caller inside the block (row counts, figures); versions and `seconds` (since
     meta["started"], a time.time() the stage sets when it begins, else since this block began) are added.
-    An existing artifact at `path` (a forced redo) is replaced only once the new one is complete.
+    An existing artifact at `path` (a forced redo) is replaced only once the new one is complete. A full disk
+    (ENOSPC) while writing becomes an SdpoError (exit 1) naming `path`; the temporary folder is removed and the
+    previous artifact, if any, is left as it was.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     for stale in path.parent.glob(f".{path.name}.tmp-*"):  # left by a killed writer: never a finished artifact
@@ -170,16 +199,24 @@ def writing(path: Path, meta: dict) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, Exception) and not isinstance(e, SdpoError) and disk_full(e):
+            raise disk_full_error(path) from e
         raise
 
 
 def write_text_atomic(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        if disk_full(e):
+            raise disk_full_error(path) from e
+        raise
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:

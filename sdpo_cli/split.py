@@ -25,7 +25,7 @@ from pathlib import Path
 from rich.table import Table
 
 from sdpo_cli import console
-from sdpo_cli.config import SdpoConfig, num_steps
+from sdpo_cli.config import SdpoConfig, config_file, num_steps
 from sdpo_cli.data.formats import LoadedSource, load_pairs, prompt_hash
 from sdpo_cli.data.tokenize import tokenize_pairs
 from sdpo_cli.errors import DataError
@@ -38,13 +38,22 @@ def data_paths(cfg: SdpoConfig, run: RunDir) -> list[Path]:
 
 
 def run_split(cfg: SdpoConfig, force: bool = False) -> list[Path]:
+    """Under several processes rank 0 builds the data first; the others then find it finished and current."""
+    from sdpo_cli.distributed import main_process_first
+
+    with main_process_first() as state:
+        return _run_split(cfg, force=force and state.is_main_process)
+
+
+def _run_split(cfg: SdpoConfig, force: bool) -> list[Path]:
     # Imported here, not at the top: `sdpo split` loads the config first, and a config mistake should not wait for
     # torch and transformers to import.
     from sdpo_cli.fingerprints import split_fp
-    from sdpo_cli.models import load_tokenizer
+    from sdpo_cli.models import check_base, load_tokenizer
 
     started = time.time()
     run = RunDir(cfg.run_dir)
+    check_base(cfg.model)  # a base without weights or tokenizer stops here, not after the split
     run.ensure()
     tok = load_tokenizer(cfg.model)
     fp = split_fp(cfg, tok)
@@ -65,8 +74,7 @@ def run_split(cfg: SdpoConfig, force: bool = False) -> list[Path]:
         steps = _assign(cfg, pools, tok, bar)
     for t, rows in enumerate(steps, start=1):
         if not rows:
-            raise DataError(f"split: step {t} has no rows (strategy {cfg.split.strategy})",
-                            hint="check split.steps / split.fractions and the sources' sizes")
+            raise _empty_step(cfg, t, loaded, counts)
 
     overlap = _overlap(steps)
     _print_table(cfg, steps, counts, overlap)
@@ -88,6 +96,23 @@ def run_split(cfg: SdpoConfig, force: bool = False) -> list[Path]:
     for p in paths:
         console.info(f"split: wrote {p} ({read_meta(p)['rows']} pairs)")
     return paths
+
+
+def _empty_step(cfg: SdpoConfig, t: int, loaded: list[LoadedSource], counts: dict[str, Counter]) -> DataError:
+    """Step t got no pair: name the config file, the key, and (natural) the source files whose pairs all dropped."""
+    where = config_file(cfg)
+    if cfg.split.strategy != "natural":
+        total = sum(c["kept"] for c in counts.values())
+        return DataError(f"{where}: split.fractions: step {t} has no rows ({total} pairs cut by "
+                         f"{list(cfg.split.fractions or [])})",
+                         hint="use larger fractions or more data: every step needs at least one pair")
+    plan = cfg.split.steps or [[s.name] for s in cfg.data.sources]
+    files = {s.name: s.where for s in loaded}
+    why = "; ".join(f"{files[n]}: all {counts[n]['dropped_too_long']} pairs of source '{n}' have prompts of "
+                    f"data.max_length={cfg.data.max_length} tokens or more" for n in plan[t - 1])
+    return DataError(f"{where}: split.steps: step {t} has no rows ({why})",
+                     hint="raise data.max_length, or set data.max_prompt_length so that long prompts are cut, "
+                          "not dropped")
 
 
 def _save(rows: list[dict], path: Path, meta: dict) -> None:

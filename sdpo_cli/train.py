@@ -24,12 +24,13 @@ import torch
 
 from sdpo_cli import console
 from sdpo_cli.config import SdpoConfig, num_steps, section
+from sdpo_cli.distributed import make_accelerator
 from sdpo_cli.errors import ArtifactError, ConfigError, SdpoError
 from sdpo_cli.fingerprints import reflogp_fp, require_data, train_fp
 from sdpo_cli.logprobs import collate_pairs, completion_logps, pair_length
 from sdpo_cli.loss import dpo_losses, loss_at_equal_models
 from sdpo_cli.models import disable_dropout, load_model, load_tokenizer, reference_model, target_init_model
-from sdpo_cli.rundir import RunDir, check_not_stale, read_meta, writing
+from sdpo_cli.rundir import RunDir, check_not_stale, disk_full, disk_full_error, read_meta, writing
 
 METRICS = ("loss", "loss/dpo", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
            "logps/chosen", "logps/rejected", "gamma/policy", "gamma/ref")
@@ -37,7 +38,6 @@ METRICS = ("loss", "loss/dpo", "rewards/chosen", "rewards/rejected", "rewards/ma
 
 def run_train(cfg: SdpoConfig, step: int, force: bool = False) -> Path:
     import datasets
-    from accelerate import Accelerator
     from accelerate.utils import set_seed
     from transformers import get_scheduler
 
@@ -71,8 +71,9 @@ def run_train(cfg: SdpoConfig, step: int, force: bool = False) -> Path:
                                        refs["ref_chosen_logp"], refs["ref_rejected_logp"])]
 
     tr = cfg.train
-    accelerator = Accelerator(gradient_accumulation_steps=tr.gradient_accumulation, mixed_precision=tr.mixed_precision,
-                              log_with=list(tr.report_to) or None, project_dir=str(run.root / "logs"))
+    accelerator = make_accelerator(gradient_accumulation_steps=tr.gradient_accumulation,
+                                   mixed_precision=tr.mixed_precision, log_with=list(tr.report_to) or None,
+                                   project_dir=str(run.root / "logs"))
     set_seed(cfg.seed)
 
     def collate(batch: list[dict]):
@@ -91,8 +92,12 @@ def run_train(cfg: SdpoConfig, step: int, force: bool = False) -> Path:
     use_cache = model.config.use_cache
     if tr.disable_dropout:
         disable_dropout(model)
+    if cfg.peft.enabled:
+        model = _with_lora(model, cfg.peft)
     if tr.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if cfg.peft.enabled:
+            model.enable_input_require_grads()  # frozen embeddings: checkpointed blocks still need grad inputs
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": tr.weight_decay},
@@ -193,7 +198,7 @@ def run_train(cfg: SdpoConfig, step: int, force: bool = False) -> Path:
     accelerator.wait_for_everyone()
     if tr.report_to:
         accelerator.end_training()
-    state_dict = accelerator.get_state_dict(model)
+    state_dict = None if cfg.peft.enabled else accelerator.get_state_dict(model)
     if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(model)
         unwrapped.config.use_cache = True if use_cache is False else use_cache  # for users who generate with M_t
@@ -202,6 +207,11 @@ def run_train(cfg: SdpoConfig, step: int, force: bool = False) -> Path:
                 "data": run.rel(data_path), "pairs": len(rows), "updates": total, "epochs": epoch,
                 "world_size": world, "first": records[0], "last": records[-1], "log": run.rel(log_path)}
         with writing(out, meta) as tmp:
+            if cfg.peft.enabled:
+                # sDPO with LoRA: M_t = M_{t-1} + this step's adapter, merged, so that M_t is a plain model and
+                # serves exactly as the next step's reference and starting point. The adapter is kept beside it.
+                unwrapped.save_pretrained(str(tmp / "adapter"))
+                unwrapped = unwrapped.merge_and_unload()
             unwrapped.save_pretrained(str(tmp), state_dict=state_dict)
             tok.save_pretrained(str(tmp))
             if tr.save_optimizer:
@@ -355,6 +365,12 @@ def _save_state(accelerator, state_dir: Path, progress: dict) -> None:
     level, quiet.level = quiet.level, logging.ERROR
     try:
         accelerator.save_state(str(tmp))
+    except Exception as e:
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if disk_full(e):  # the previous state, if any, is still there to resume from
+            raise disk_full_error(state_dir) from e
+        raise
     finally:
         quiet.setLevel(level)
     if accelerator.is_main_process:
@@ -384,3 +400,18 @@ def _read_records(path: Path) -> list[dict]:
     if not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _with_lora(model, lora):
+    """Wrap the target in a fresh LoRA adapter (peft). B starts at zero, so update 0 still sees target == M_{t-1}."""
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        raise ConfigError("peft.enabled: the peft package is not installed",
+                          hint="pip install 'sdpo[lora]'  # or set peft.enabled=false") from None
+    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, task_type="CAUSAL_LM",
+                        target_modules=list(lora.target_modules) if lora.target_modules else None)
+    model = get_peft_model(model, config)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    console.info(f"LoRA r={lora.r} alpha={lora.alpha}: {trainable:,} trainable parameters")
+    return model

@@ -50,6 +50,10 @@ class _Skip(Exception):
 def load_pairs(source: SourceConfig) -> LoadedSource:
     """Read one source and return its canonical pairs, in source order."""
     dataset, where = _load_dataset(source)
+    if len(dataset) == 0:
+        in_split = "" if Path(source.path).suffix in FILE_BUILDERS else f" in split '{source.split}'"
+        raise DataError(f"{where}: no rows{in_split} (source '{source.name}')",
+                        hint="check the source's path, split and subset")
     columns = set(dataset.column_names)
     fmt = source.format if source.format != "auto" else detect_format(columns, where)
     converter = CONVERTERS[fmt]
@@ -57,7 +61,7 @@ def load_pairs(source: SourceConfig) -> LoadedSource:
     if source.limit is not None:
         dataset = dataset.select(range(min(source.limit, len(dataset))))
     out = LoadedSource(name=source.name, where=where, pairs=[], rows_read=len(dataset), format=fmt)
-    for i, row in enumerate(dataset):
+    for i, row in _rows(dataset, where):
         try:
             prompt, chosen, rejected, template = converter(row, source)
             _check_text(prompt, chosen, rejected)
@@ -72,7 +76,8 @@ def load_pairs(source: SourceConfig) -> LoadedSource:
     if not out.pairs:
         why = f" (skipped: {dict(out.skipped)})" if out.skipped else ""
         raise DataError(f"{where}: source '{source.name}' has no usable rows{why}",
-                        hint="check the path, split and limit of this source")
+                        hint="such rows are skipped on purpose (docs/reliability.md): check the source's contents"
+                        if out.skipped else "check the path, split and limit of this source")
     return out
 
 
@@ -82,6 +87,26 @@ def pair_hash(prompt: list, chosen: str, rejected: str) -> str:
 
 def prompt_hash(prompt: list) -> str:
     return hashlib.sha1(json.dumps(prompt, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _rows(dataset, where: str):
+    """(index, row) in order; text that is not valid UTF-8 (arrow keeps the bytes, decoding fails here) is an error
+    that names the line of a JSON Lines or CSV file, else the row."""
+    i = 0
+    rows = iter(dataset)
+    while True:
+        try:
+            row = next(rows)
+        except StopIteration:
+            return
+        except UnicodeDecodeError:
+            path = Path(where)
+            if path.suffix in FILE_BUILDERS and path.suffix != ".parquet":
+                _raise_bad_utf8_line(path)
+            raise DataError(f"{where}:{_row_ref(where, i)}: invalid UTF-8 text",
+                            hint="re-encode the data as UTF-8") from None
+        yield i, row
+        i += 1
 
 
 def _row_ref(where: str, i: int) -> str:
@@ -104,7 +129,8 @@ def _load_dataset(source: SourceConfig):
                 raise DataError(f"{where}: data file not found (source '{source.name}')",
                                 hint="check data.sources[].path; relative paths start at the config file's folder")
             if path.stat().st_size == 0:
-                raise DataError(f"{where}: data file is empty (source '{source.name}')", hint="check the file")
+                raise DataError(f"{where}: data file is empty (source '{source.name}')",
+                                hint=f"fill it, or remove source '{source.name}' from data.sources")
             try:
                 if FILE_BUILDERS[path.suffix] == "csv":
                     # Every cell is text: pandas' type inference would read the reply "4" as a number and "None",
@@ -117,16 +143,18 @@ def _load_dataset(source: SourceConfig):
             except Exception as e:  # pyarrow's parse errors carry no line number: find it ourselves
                 if FILE_BUILDERS[path.suffix] == "json":
                     _raise_bad_json_line(path)
+                if isinstance(e, UnicodeDecodeError):
+                    _raise_bad_utf8_line(path)
                 raise DataError(f"{where}: cannot read ({_first_line(e)})", hint="check the file's format") from None
         if path.is_dir():
-            if any((path / f).is_file() for f in ("dataset_info.json", "state.json", "dataset_dict.json")):
-                loaded = datasets.load_from_disk(str(path))
-                if isinstance(loaded, datasets.DatasetDict):
-                    if source.split not in loaded:
-                        raise DataError(f"{where}: no split '{source.split}' (has {sorted(loaded)})",
-                                        hint=f"set split: one of {sorted(loaded)}")
-                    loaded = loaded[source.split]
-                return loaded, where
+            if (path / "dataset_dict.json").is_file():  # DatasetDict.save_to_disk: one folder per split
+                splits = sorted(json.loads((path / "dataset_dict.json").read_text()).get("splits", []))
+                if source.split not in splits:
+                    raise DataError(f"{where}: no split '{source.split}' (has {splits})",
+                                    hint=f"set split: one of {splits}")
+                return _load_saved(path / source.split, f"{where}: split '{source.split}'"), where
+            if any((path / f).is_file() for f in ("dataset_info.json", "state.json")):
+                return _load_saved(path, where), where
             return datasets.load_dataset(str(path), source.subset, split=source.split), where
         if path.is_absolute() or source.path.startswith("."):
             raise DataError(f"{where}: data path not found (source '{source.name}')",
@@ -145,7 +173,28 @@ def _load_dataset(source: SourceConfig):
                         hint="a hub id needs network access (or a warm HF cache); else use a local file") from None
 
 
+def _load_saved(folder: Path, what: str):
+    """A Dataset.save_to_disk folder. An empty one has no data file, which load_from_disk fails on: say so."""
+    import datasets
+
+    state = folder / "state.json"
+    if state.is_file() and not json.loads(state.read_text()).get("_data_files", [None]):
+        raise DataError(f"{what}: no rows (an empty split)", hint="pick a split that has rows, or fill this one")
+    return datasets.load_from_disk(str(folder))
+
+
+def _raise_bad_utf8_line(path: Path) -> None:
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{lineno}: invalid UTF-8 at byte {e.start}",
+                                hint="re-encode the file as UTF-8") from None
+
+
 def _raise_bad_json_line(path: Path) -> None:
+    rows = 0
     with path.open("rb") as f:
         for lineno, raw in enumerate(f, start=1):
             try:
@@ -162,6 +211,9 @@ def _raise_bad_json_line(path: Path) -> None:
                 if not isinstance(obj, dict):
                     raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}",
                                     hint="each line must be one JSON object") from None
+                rows += 1
+    if path.suffix == ".jsonl" and rows == 0:
+        raise DataError(f"{path}: no rows (only blank lines)", hint="each line must be one JSON object")
     raise DataError(f"{path}: cannot parse as JSON rows", hint="rows must share the same keys and types")
 
 

@@ -1,0 +1,75 @@
+"""Several processes through `accelerate launch` on this CPU machine (gloo): the same results as one process, every
+pair scored exactly once, and an error instead of silently training alone in a world of 1."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import datasets
+import pytest
+
+from tests.conftest import ROOT, run_cli
+
+ACCELERATE = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or shutil.which("accelerate")
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(ACCELERATE is None, reason="accelerate CLI not found")]
+
+
+def launch(*args: str, cpu: bool = True, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("SDPO_DEBUG", "ACCELERATE_USE_CPU")}
+    env.update({"HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1", "OMP_NUM_THREADS": "1"})
+    if cpu:
+        env["ACCELERATE_USE_CPU"] = "1"
+    cmd = [ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "sdpo_cli", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=str(cwd), env=env, timeout=900)
+
+
+def read_log(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_two_processes_equal_one_process_with_twice_the_batch(tiny_config, tmp_path):
+    # inference batch 3 over 16 pairs: 6 batches, the last one short, shared unevenly between the 2 ranks
+    config, _ = tiny_config(**{"inference.batch_size": 3})
+    single, ddp = tmp_path / "single", tmp_path / "ddp"
+    one = run_cli("run", str(config), f"run_dir={single}", "train.per_device_batch_size=4")
+    assert one.returncode == 0, one.stderr
+    two = launch("run", str(config), f"run_dir={ddp}", "train.per_device_batch_size=2")
+    assert two.returncode == 0, two.stderr + two.stdout
+    assert "2×1×2 = 4 pairs" in two.stderr  # effective batch from the world size, printed at start
+
+    for t in (1, 2):
+        meta = json.loads((ddp / "checkpoints" / f"step-{t}" / "meta.json").read_text())
+        assert meta["world_size"] == 2
+        a = datasets.load_from_disk(str(single / "reflogp" / f"step-{t}"))
+        b = datasets.load_from_disk(str(ddp / "reflogp" / f"step-{t}"))
+        assert a["id"] == b["id"] and len(b) == 16  # every row once, in order
+        for key in ("ref_chosen_logp", "ref_rejected_logp"):
+            assert b[key] == pytest.approx(a[key], abs=1e-5)
+        la, lb = read_log(single / "logs" / f"train-step-{t}.jsonl"), read_log(ddp / "logs" / f"train-step-{t}.jsonl")
+        assert [r["update"] for r in la] == [r["update"] for r in lb]
+        for ra, rb in zip(la, lb):
+            assert rb["loss"] == pytest.approx(ra["loss"], abs=1e-5)
+            assert rb["pairs"] == ra["pairs"]
+
+    from safetensors.torch import load_file
+
+    wa = load_file(str(single / "checkpoints" / "step-2" / "model.safetensors"))
+    wb = load_file(str(ddp / "checkpoints" / "step-2" / "model.safetensors"))
+    assert wa.keys() == wb.keys()
+    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-4
+    gamma = launch("gamma", str(config), f"run_dir={ddp}", "--json")
+    assert gamma.returncode == 0, gamma.stderr
+    assert [r["checkpoint"] for r in json.loads(gamma.stdout)] == ["base", "step-1", "step-2"]
+
+
+def test_a_world_of_one_under_a_multi_process_launch_is_an_error(tiny_config):
+    """CPU machine, no ACCELERATE_USE_CPU: torchrun starts 2 processes that would each train alone."""
+    config, run = tiny_config()
+    result = launch("run", str(config), cpu=False)
+    assert result.returncode != 0
+    assert "sees a world of 1" in result.stderr and "ACCELERATE_USE_CPU=1" in result.stderr
+    assert not (run / "checkpoints").exists()
