@@ -1,6 +1,6 @@
 """The command line: a thin typer layer that parses, loads the config, calls one stage and prints the result.
 
-Run as: sdpo <split|reflogp|train|run|gamma> CONFIG [key=value ...]   (see docs/cli.md)
+Run as: sdpo <split|reflogp|train|run|gamma|eval> CONFIG [key=value ...]   (see docs/cli.md)
 
 stdout carries results (artifact paths, the γ table or JSON); progress and diagnostics go to stderr. A user mistake
 ends as `Error: ...` + `Hint: ...` on stderr with exit code 2 (usage/config/data) or 1, and no traceback unless
@@ -148,6 +148,39 @@ def gamma(
         table.add_row(r["checkpoint"], str(r["n"]), f"{r['mean']:.4f}", f"{r['std']:.4f}", f"{r['median']:.4f}",
                       f"{r['frac_positive']:.3f}")
     console.stdout.print(table)
+
+
+@app.command("eval")
+def evaluate(
+    config: ConfigArg,
+    overrides: Overrides = None,
+    checkpoint: Annotated[Optional[List[str]], typer.Option(
+        "--checkpoint", "-c", help="base | step-N | PATH; repeat for several (default: base and every step).")] = None,
+    tasks: Annotated[Optional[List[str]], typer.Option(
+        "--tasks", help="h4 | lm-eval task/group NAME[:SHOTS] | task YAML file or folder; comma-separated or "
+                        "repeated (default: eval.tasks, i.e. h4).")] = None,
+    limit: Annotated[Optional[int], typer.Option(
+        "--limit", min=1, help="Score only the first N documents of each task (default: eval.limit: all).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Score again even if cache/eval has the score.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON to stdout instead of a table.")] = False,
+) -> None:
+    """Benchmark checkpoints with lm-evaluation-harness: H4 = ARC, HellaSwag, MMLU, TruthfulQA (the paper's Table 2).
+
+    Needs the extra: pip install 'sdpo\\[eval]'. Writes reports/eval.json; scores are cached per checkpoint and task.
+
+    Example: sdpo eval configs/fixtures.yaml run_dir=runs/demo --checkpoint base --checkpoint step-2 --limit 100
+
+    Offline, local data: sdpo eval CONFIG --tasks path/to/my_task.yaml  (see docs/eval.md)
+    """
+    cfg = _config(config, overrides)
+    task_list = [t.strip() for item in tasks for t in item.split(",") if t.strip()] if tasks else None
+    from sdpo_cli.evaluate import eval_table, run_eval
+
+    report = run_eval(cfg, checkpoint, task_list, limit, force=force)
+    if as_json:
+        console.stdout.print(json.dumps(report, indent=2), markup=False, highlight=False)
+        return
+    console.stdout.print(eval_table(report))
 
 
 def main() -> None:

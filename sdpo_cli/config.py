@@ -121,6 +121,16 @@ class InferenceConfig:
 
 
 @dataclass
+class EvalConfig:
+    # h4 (ARC 25-shot, HellaSwag 10, MMLU 5, TruthfulQA mc2 0) | an lm-eval task/group name, optionally NAME:SHOTS |
+    # a task YAML file or a folder of them (local data); see docs/eval.md
+    tasks: List[str] = field(default_factory=lambda: ["h4"])
+    limit: Optional[int] = None  # documents per task (lm-eval's limit); None: every document
+    batch_size: int = 8  # lm-eval requests per forward pass
+    after_each_step: bool = False  # sdpo run: score base and every M_t as it is produced (cached per checkpoint)
+
+
+@dataclass
 class SdpoConfig:
     run_dir: str = "runs/default"
     seed: int = 42
@@ -131,6 +141,7 @@ class SdpoConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     inference: InferenceConfig = field(default_factory=InferenceConfig)
     peft: LoraConfig = field(default_factory=LoraConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 def load_config(path: Path | str, overrides: list[str] | None = None) -> SdpoConfig:
@@ -218,6 +229,9 @@ def _resolve_paths(file_cfg: DictConfig, base: Path) -> None:
     dpo = file_cfg.get("dpo")
     if isinstance(dpo, DictConfig) and dpo.get("reference") not in (None, "previous", "base"):
         dpo.reference = _resolve(dpo.reference, base)
+    evaluation = file_cfg.get("eval")
+    if isinstance(evaluation, DictConfig) and isinstance(evaluation.get("tasks"), ListConfig):
+        evaluation.tasks = [resolve_task_path(t, base) for t in evaluation.tasks]
     data = file_cfg.get("data")
     if not isinstance(data, DictConfig):
         return
@@ -227,6 +241,34 @@ def _resolve_paths(file_cfg: DictConfig, base: Path) -> None:
     for source in sources:
         if isinstance(source, DictConfig) and "path" in source:
             source.path = _resolve(source.path, base)
+
+
+TASK_SPEC = re.compile(r"^(?P<task>.*?)(?::(?P<shots>\d+))?$")  # NAME | NAME:SHOTS | PATH | PATH:SHOTS
+
+
+def split_task_spec(spec: str) -> tuple[str, int | None]:
+    """An eval.tasks entry -> (name or path, shots or None): 'arc_easy:5' -> ('arc_easy', 5)."""
+    match = TASK_SPEC.match(spec.strip())
+    assert match is not None  # the pattern matches every string
+    shots = match.group("shots")
+    return match.group("task"), None if shots is None else int(shots)
+
+
+def is_task_path(task: str) -> bool:
+    """An eval.tasks entry that names a task YAML file or folder rather than a registered lm-eval task."""
+    return "/" in task or task.startswith((".", "~")) or task.endswith((".yaml", ".yml"))
+
+
+def resolve_task_path(spec: Any, base: Path) -> Any:
+    """A task YAML path written in the config file is relative to that file; a task name is left alone."""
+    if not isinstance(spec, str):
+        return spec
+    task, shots = split_task_spec(spec)
+    if not is_task_path(task):
+        return spec
+    path = Path(task).expanduser()
+    resolved = str(path if path.is_absolute() else (base / path).resolve())
+    return resolved if shots is None else f"{resolved}:{shots}"
 
 
 def validate(cfg: SdpoConfig, where: str = "config") -> None:
@@ -310,6 +352,25 @@ def validate(cfg: SdpoConfig, where: str = "config") -> None:
         raise bad("peft.r", "LoRA rank and alpha must be positive", "e.g. peft.r=16 peft.alpha=32")
     if cfg.inference.batch_size < 1:
         raise bad("inference.batch_size", "must be at least 1", "e.g. inference.batch_size=16")
+    validate_eval(cfg.eval.tasks, cfg.eval.limit, where)
+    if cfg.eval.batch_size < 1:
+        raise bad("eval.batch_size", "must be at least 1", "e.g. eval.batch_size=8")
+
+
+def validate_eval(tasks: List[str], limit: Optional[int], where: str = "config", key: str = "eval.tasks") -> None:
+    """eval.tasks (or --tasks) and eval.limit (or --limit): their form only; names and files are checked by eval."""
+    hint = "e.g. eval.tasks=[h4] or [arc_easy:25, path/to/task.yaml]; see docs/eval.md"
+    if not tasks:
+        raise ConfigError(f"{where}: {key}: no tasks", hint=hint)
+    for spec in tasks:
+        task, shots = split_task_spec(spec) if isinstance(spec, str) else ("", None)
+        if not task:
+            raise ConfigError(f"{where}: {key}: empty task name in {list(tasks)}", hint=hint)
+        if task.lower() == "h4" and shots is not None:
+            raise ConfigError(f"{where}: {key}: h4 has its own shot counts (25/10/5/0); {spec!r} cannot change them",
+                              hint="write h4, or name one task with its shots, e.g. arc_challenge:5")
+    if limit is not None and limit < 1:
+        raise ConfigError(f"{where}: eval.limit: must be at least 1", hint="or null to score every document")
 
 
 def num_steps(cfg: SdpoConfig) -> int:

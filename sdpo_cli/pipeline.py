@@ -2,7 +2,11 @@
 
 Run as: sdpo run CONFIG [key=value ...]
 
-    split -> for t in 1..T: reflogp(t) with π_ref = M_{t-1}, then train(t) -> M_t
+    split -> for t in 1..T: reflogp(t) with π_ref = M_{t-1}, then train(t) -> M_t [, eval(base, M_1..M_t)]
+
+With eval.after_each_step, the eval tasks are loaded before the split (an unreachable dataset or a missing lm-eval
+stops the run before any training), and each M_t is scored as soon as it is saved; scores already in cache/eval/
+are reused, so base and earlier steps are scored once. reports/eval.json then holds base..M_t.
 
 Each stage decides for itself whether it is finished (meta.json present and its fingerprint current), so a rerun
 after a crash or Ctrl-C picks up at the first unfinished stage, and a changed config stops with the stage it makes
@@ -15,6 +19,7 @@ from pathlib import Path
 
 from sdpo_cli import console
 from sdpo_cli.config import SdpoConfig, num_steps
+from sdpo_cli.console import is_main_process
 from sdpo_cli.reflogp import run_reflogp
 from sdpo_cli.reports import plot_losses, read_log
 from sdpo_cli.rundir import RunDir
@@ -25,12 +30,35 @@ from sdpo_cli.train import run_train
 def run_all(cfg: SdpoConfig, force: bool = False) -> Path:
     run = RunDir(cfg.run_dir)
     steps = num_steps(cfg)
+    evaluator = _evaluator(cfg)
     run_split(cfg, force=force)
     for t in range(1, steps + 1):
         console.info(f"[bold]sDPO step {t}/{steps}[/]")
         run_reflogp(cfg, t, force=force)
         run_train(cfg, t, force=force)
+        if evaluator is not None:
+            from sdpo_cli.evaluate import eval_table
+            from sdpo_cli.models import named_model
+
+            report = evaluator.evaluate([named_model(cfg, run, name) for name in ["base"] + [
+                f"step-{s}" for s in range(1, t + 1)]], force=force)
+            console.console.print(eval_table(report))
     curves = {f"step {t}": read_log(run.train_log(t)) for t in range(1, steps + 1) if run.train_log(t).is_file()}
-    if curves:
+    if curves and is_main_process():
         plot_losses(curves, run.reports / "loss.png")
     return run.checkpoint(steps)
+
+
+def _evaluator(cfg: SdpoConfig):
+    """eval.after_each_step: the tasks, loaded (and their data reached) before any work; None when off."""
+    import os
+
+    if not cfg.eval.after_each_step:
+        return None
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        console.warn("eval.after_each_step is skipped in a multi-process run (lm-eval scores on one device); "
+                     "afterwards: sdpo eval CONFIG")
+        return None
+    from sdpo_cli.evaluate import Evaluator
+
+    return Evaluator(cfg)

@@ -103,6 +103,7 @@ def run_train(cfg: SdpoConfig, step: int, force: bool = False) -> Path:
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": tr.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=tr.learning_rate,
                                   betas=(tr.adam_beta1, tr.adam_beta2), eps=tr.adam_epsilon)
+    _check_engine(accelerator, cfg)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
 
     updates_per_epoch = math.ceil(len(loader) / tr.gradient_accumulation)
@@ -121,6 +122,9 @@ def run_train(cfg: SdpoConfig, step: int, force: bool = False) -> Path:
     log_path = run.train_log(step)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     state_dir = out.with_name(f".{out.name}.state")
+    if force and accelerator.is_main_process:
+        shutil.rmtree(state_dir, ignore_errors=True)  # --force redoes the step from its start
+    accelerator.wait_for_everyone()
     progress = _load_state(accelerator, state_dir, fp, step)
     records = _read_records(log_path)[: progress["records"]] if progress else []
     update, epoch, skip = (progress["update"], progress["epoch"], progress["batches"]) if progress else (0, 0, 0)
@@ -131,7 +135,9 @@ def run_train(cfg: SdpoConfig, step: int, force: bool = False) -> Path:
     check_ln2 = reference == init  # target == reference at update 0 only when both start from the same model
     t_last = time.time()
     model.train()
-    with console.progress() as bar, _StopSignals() as stop, log_path.open("w") as log_file:
+    # only rank 0 writes the log (the metrics are already reduced over ranks)
+    log_target = log_path if accelerator.is_main_process else os.devnull
+    with console.progress() as bar, _StopSignals() as stop, open(log_target, "w") as log_file:
         for record in records:  # the log up to the saved state; later lines are redone
             log_file.write(json.dumps(record) + "\n")
         task = bar.add_task(f"train step {step}", total=total, completed=update, status="")
@@ -223,10 +229,11 @@ def run_train(cfg: SdpoConfig, step: int, force: bool = False) -> Path:
 
 
 def _clip(accelerator, model, max_norm: float | None) -> torch.Tensor:
-    params = [p for p in model.parameters() if p.grad is not None]
     if max_norm is not None:
-        return accelerator.clip_grad_norm_(params, max_norm)
-    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params]))
+        # all of model.parameters(): accelerate recognises the wrapped model (FSDP: a global norm, not per shard)
+        return accelerator.clip_grad_norm_(model.parameters(), max_norm)
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
 
 
 def _zero_sums(device) -> dict:
@@ -415,3 +422,18 @@ def _with_lora(model, lora):
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     console.info(f"LoRA r={lora.r} alpha={lora.alpha}: {trainable:,} trainable parameters")
     return model
+
+
+def _check_engine(accelerator, cfg: SdpoConfig) -> None:
+    """What DeepSpeed needs before `prepare`, and the combinations we do not support yet."""
+    from accelerate.utils import DistributedType
+
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is not None:
+        # our loader uses a batch sampler (batch_size None), so DeepSpeed cannot infer the micro-batch itself
+        plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.train.per_device_batch_size
+    sharded = accelerator.distributed_type == DistributedType.FSDP or (
+        plugin is not None and plugin.deepspeed_config.get("zero_optimization", {}).get("stage") == 3)
+    if cfg.peft.enabled and sharded:
+        raise ConfigError("peft.enabled with FSDP or ZeRO-3: merging a sharded LoRA model is not supported yet",
+                          hint="use DDP or ZeRO-2 for LoRA (configs/accelerate/ddp.yaml, zero2.yaml)")
