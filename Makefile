@@ -66,3 +66,8 @@ demo-build: install
 
 clean:
 	rm -rf runs/demo runs/demo-ablation .pytest_cache
+
+# sdpo vs TRL 1.16 DPOTrainer on this machine's CPU (docs/performance.md); BENCH_ARGS=--quick for a smoke run
+.PHONY: bench
+bench: install
+	$(PY) bench/bench.py $(BENCH_ARGS)

@@ -100,6 +100,8 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     disable_dropout: bool = True  # as TRL: dropout would make the ln 2 check and the reference pass noisy
     shuffle: bool = True
+    layout: str = "prefix"  # prefix (prompt computed once for chosen and rejected) | padded (TRL's layout)
+    group_by_length: bool = True  # batches of similar length (shuffled within mega-batches), less padding
     logging_every: int = 10  # updates between metric lines; update 0 is always logged
     report_to: List[str] = field(default_factory=list)  # accelerate trackers: tensorboard | wandb
     save_optimizer: bool = False  # keep optimizer state next to M_t (large)
@@ -334,6 +336,8 @@ def validate(cfg: SdpoConfig, where: str = "config") -> None:
     tr = cfg.train
     if tr.lr_schedule not in SCHEDULES:
         raise bad("train.lr_schedule", f"unknown schedule {tr.lr_schedule!r}", "use one of " + " | ".join(SCHEDULES))
+    if tr.layout not in ("prefix", "padded"):
+        raise bad("train.layout", f"unknown layout {tr.layout!r}", "use prefix | padded")
     if tr.mixed_precision not in ("no", "bf16", "fp16"):
         raise bad("train.mixed_precision", f"unknown value {tr.mixed_precision!r}", "use no | bf16 | fp16")
     for key, value in (("per_device_batch_size", tr.per_device_batch_size),

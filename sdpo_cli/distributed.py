@@ -49,23 +49,23 @@ def check_world(num_processes: int) -> None:
 
 
 def score_pairs_sharded(accelerator, model, pairs, pad_id: int, batch_size: int, progress=None,
-                        description: str = "log-probs") -> tuple[list[float], list[float]]:
+                        description: str = "log-probs", layout: str = "padded") -> tuple[list[float], list[float]]:
     """`score_pairs` with the pairs shared out across processes and gathered back: every process returns the log-probs
     of every pair, in input order, each pair computed exactly once (also when the pairs do not divide evenly)."""
     from accelerate.utils import gather_object
 
-    from sdpo_cli.logprobs import length_sorted_batches, pair_length, score_pairs
+    from sdpo_cli.logprobs import length_sorted_batches, pair_lengths, score_pairs
 
     world, rank = accelerator.num_processes, accelerator.process_index
     if world == 1:
         return score_pairs(model, pairs, pad_id, batch_size, accelerator.device, accelerator.autocast, progress,
-                           description)
-    lengths = [pair_length(pairs[i]) for i in range(len(pairs))]
+                           description, layout)
+    lengths = pair_lengths(pairs, layout)
     # deal whole length-sorted batches round-robin, so every rank gets a similar mix of long and short pairs
     mine = [i for batch in length_sorted_batches(lengths, batch_size)[rank::world] for i in batch]
     subset = pairs.select(mine) if hasattr(pairs, "select") else [pairs[i] for i in mine]
     chosen, rejected = score_pairs(model, subset, pad_id, batch_size, accelerator.device, accelerator.autocast,
-                                   progress, description)
+                                   progress, description, layout)
     gathered = gather_object(list(zip(mine, chosen, rejected)))
     out_c, out_r = [0.0] * len(pairs), [0.0] * len(pairs)
     for i, c, r in gathered:

@@ -26,7 +26,7 @@ def source_identity(path: str, split: str, subset: str | None) -> str:
 
 
 def numerics(cfg: SdpoConfig) -> list:
-    return [cfg.model.dtype, cfg.model.attn_implementation, cfg.train.mixed_precision]
+    return [cfg.model.dtype, cfg.model.attn_implementation, cfg.train.mixed_precision, cfg.train.layout]
 
 
 def split_fp(cfg: SdpoConfig, tok) -> str:

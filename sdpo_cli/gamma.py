@@ -107,12 +107,14 @@ class _Scorer:
 
     def gammas(self, source: str, pairs, description: str) -> list[float]:
         from sdpo_cli.distributed import score_pairs_sharded
+        from sdpo_cli.logprobs import resolve_layout
 
         model = load_model(self.cfg.model, source).to(self.accelerator.device)
         disable_dropout(model)
         with console.progress() as bar:
+            layout = resolve_layout(self.cfg.train.layout, model, self.cfg.data.max_length)
             chosen, rejected = score_pairs_sharded(self.accelerator, model, pairs, self.tok.pad_token_id,
-                                                   self.cfg.inference.batch_size, bar, description)
+                                                   self.cfg.inference.batch_size, bar, description, layout)
         del model
         return [c - r for c, r in zip(chosen, rejected)]
 

@@ -16,7 +16,8 @@ Layouts (`collate_pairs(..., layout=)`), all giving the same per-pair sums (test
 
 In every layout we run the decoder body, gather only the hidden states that score a completion token, and apply the
 LM head to them in chunks, so the [tokens x vocab] logits of the whole batch never exist at once; in training each
-chunk is recomputed in backward instead of being kept (activation checkpointing of the head only).
+chunk is recomputed in backward instead of being kept (`_ChunkedHeadLogps`: one fp32 logsumexp per token
+is saved).
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch.utils.checkpoint import checkpoint
 
 HEAD_CHUNK = 4096  # scored tokens per LM-head chunk at most
 HEAD_CHUNK_ELEMENTS = 1 << 25  # and at most 32M logits (128 MB in fp32) per chunk: 1024 tokens at a 32K vocabulary
@@ -67,6 +67,8 @@ class PairBatch:
 
 def collate_pairs(pairs: list[dict], pad_id: int, layout: str = "padded") -> PairBatch:
     """pairs: dicts with prompt_ids, chosen_ids, rejected_ids. Masks come from lengths, never from the pad id."""
+    if any(not pair["prompt_ids"] for pair in pairs):
+        raise ValueError("a pair has an empty prompt: its first completion token needs a token (e.g. BOS) before it")
     if layout == "prefix":
         return _collate_prefix(pairs, pad_id)
     if layout != "padded":
@@ -148,13 +150,19 @@ def _collate_prefix(pairs: list[dict], pad_id: int) -> PairBatch:
 
 
 def _config(model):
+    """The transformers config of a model, a DDP / accelerate-wrapped model, or a config itself."""
+    from transformers import PretrainedConfig
+
+    if isinstance(model, PretrainedConfig):
+        return model
     while not hasattr(model, "config") and hasattr(model, "module"):  # DDP / accelerate wrappers
         model = model.module
     return getattr(model, "config", None)
 
 
 def prefix_layout_unsupported(model, max_length: int | None = None) -> str | None:
-    """Why `layout="prefix"` would not give the padded layout's numbers for this model, or None if it does.
+    """Why `layout="prefix"` would not give the padded layout's numbers for this model (or its config, e.g. from
+    AutoConfig with the attn_implementation set as load_model sets it), or None if it does.
 
     The prefix layout needs an attention implementation that takes an explicit 4D mask tensor (sdpa or eager; not
     flash_attention_* or flex_attention), and no sliding-window / local layers (the explicit mask replaces the
@@ -191,9 +199,61 @@ def _attention_inputs(model, batch: PairBatch) -> dict:
     return {"attention_mask": mask, "position_ids": batch.position_ids}
 
 
-def _token_logps(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    logits = (hidden @ weight.t()).float()
-    return logits.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+def _chunk_forward(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """(token log-probs, logsumexp, the matmul's dtype) of one chunk; the fp32 logits are reused in place."""
+    logits = hidden @ weight.t()
+    mm_dtype = logits.dtype  # bf16 under autocast: the backward recomputes in the same precision
+    logits = logits.float()
+    target_logits = logits.gather(-1, targets[:, None]).squeeze(-1)
+    peak = logits.amax(dim=-1, keepdim=True)
+    lse = logits.sub_(peak).exp_().sum(dim=-1).log_().add_(peak.squeeze(-1))
+    return target_logits - lse, lse, mm_dtype
+
+
+class _ChunkedHeadLogps(torch.autograd.Function):
+    """log p(target | hidden) through a (V, H) head, one chunk of [chunk, V] fp32 logits alive at a time.
+
+    Forward keeps only the per-token logsumexp; backward recomputes each chunk's logits (in the forward's matmul
+    precision), turns them into softmax - onehot in place, and accumulates the weight gradient in fp32.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk):
+        out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        lse = torch.empty_like(out)
+        mm_dtype = torch.float32
+        for start in range(0, hidden.shape[0], chunk):
+            end = start + chunk
+            out[start:end], lse[start:end], mm_dtype = _chunk_forward(hidden[start:end], weight, targets[start:end])
+        ctx.save_for_backward(hidden, weight, targets, lse)
+        ctx.chunk, ctx.mm_dtype = chunk, mm_dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        hidden, weight, targets, lse = ctx.saved_tensors
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        dt = ctx.mm_dtype
+        w = weight.to(dt)
+        grad_h = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        grad_out = grad_out.float()
+        for start in range(0, hidden.shape[0], ctx.chunk):
+            end = start + ctx.chunk
+            h = hidden[start:end].to(dt)
+            g = grad_out[start:end]
+            # d logp[t] / d logits = onehot(t) - softmax
+            grad_logits = (h @ w.t()).float().sub_(lse[start:end, None]).exp_().mul_(-g[:, None])
+            grad_logits[torch.arange(h.shape[0], device=h.device), targets[start:end]] += g
+            grad_logits = grad_logits.to(dt)
+            if need_h:
+                grad_h[start:end] = grad_logits @ w
+            if need_w:
+                if dt == torch.float32:
+                    grad_w.addmm_(grad_logits.t(), h)
+                else:
+                    grad_w += (grad_logits.t() @ h).float()
+        return grad_h, grad_w.to(weight.dtype) if need_w else None, None, None
 
 
 def head_chunk(vocab_size: int) -> int:
@@ -205,18 +265,29 @@ def chunked_token_logps(hidden: torch.Tensor, weight: torch.Tensor, targets: tor
                         chunk: int | None = None) -> torch.Tensor:
     """log p(targets | hidden) for (K, H) hidden states and a (V, H) head, holding one chunk of logits at a time."""
     chunk = chunk or head_chunk(weight.shape[0])
-    out = []
-    for start in range(0, hidden.shape[0], chunk):
-        h, t = hidden[start:start + chunk], targets[start:start + chunk]
-        if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
-            out.append(checkpoint(_token_logps, h, weight, t, use_reentrant=False))
-        else:
-            out.append(_token_logps(h, weight, t))
-    return torch.cat(out) if out else hidden.new_zeros(0, dtype=torch.float32)
+    if hidden.shape[0] == 0:
+        return hidden.new_zeros(0, dtype=torch.float32)
+    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+        return _ChunkedHeadLogps.apply(hidden, weight, targets, chunk)
+    return torch.cat([_chunk_forward(hidden[s:s + chunk], weight, targets[s:s + chunk])[0]
+                      for s in range(0, hidden.shape[0], chunk)])
+
+
+def _engine_wrapped(model) -> bool:
+    """DDP, FSDP and DeepSpeed must see their own forward (gradient sync, parameter gathering): no shortcut."""
+    if type(model).__name__ in ("DistributedDataParallel", "FullyShardedDataParallel", "DeepSpeedEngine"):
+        return True
+    try:
+        from torch.distributed.fsdp import FSDPModule  # FSDP2's fully_shard
+    except ImportError:
+        return False
+    return isinstance(model, FSDPModule)
 
 
 def _plain_head(model) -> torch.nn.Linear | None:
     """The LM head if logits are exactly hidden @ W^T (no bias, soft-capping or scaling), else None."""
+    if _engine_wrapped(model):
+        return None
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if not isinstance(head, torch.nn.Linear) or head.bias is not None or not hasattr(model, "get_decoder"):
         return None
@@ -246,6 +317,17 @@ def completion_logps(model, batch: PairBatch) -> tuple[torch.Tensor, torch.Tenso
     sums = torch.zeros(2 * batch.n_pairs, dtype=torch.float32, device=token_logps.device)
     sums = sums.index_add(0, batch.segment, token_logps)
     return sums[0::2], sums[1::2]
+
+
+def resolve_layout(layout: str, model, max_length: int | None = None) -> str:
+    """The layout to use: `prefix` falls back to `padded`, with a warning, where the model cannot take it."""
+    why = prefix_layout_unsupported(model, max_length) if layout == "prefix" else None
+    if why:
+        from sdpo_cli.console import warn
+
+        warn(f"train.layout=prefix is not possible here ({why}); using the padded layout")
+        return "padded"
+    return layout
 
 
 def length_sorted_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
@@ -291,8 +373,9 @@ def length_grouped_batches(lengths: list[int], batch_size: int, generator_seed: 
 
 
 class LengthGroupedBatchSampler:
-    """`DataLoader(batch_sampler=...)` over `length_grouped_batches`: epoch k uses seed + k (set_epoch or each
-    full iteration advances it), so every epoch has a fresh, reproducible order."""
+    """`DataLoader(batch_sampler=...)` over `length_grouped_batches`: the order of epoch e is a pure function of
+    (seed, e) — seed `seed * 1000 + e`, as train.py's EpochBatches — so a resumed run replays the same batches. Call
+    set_epoch(e) before iterating epoch e."""
 
     def __init__(self, lengths: list[int], batch_size: int, seed: int, mega: int | None = None):
         self.lengths, self.batch_size, self.seed, self.mega = list(lengths), batch_size, seed, mega
@@ -301,10 +384,11 @@ class LengthGroupedBatchSampler:
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def batches(self, epoch: int) -> list[list[int]]:
+        return length_grouped_batches(self.lengths, self.batch_size, self.seed * 1000 + epoch, self.mega)
+
     def __iter__(self):
-        batches = length_grouped_batches(self.lengths, self.batch_size, self.seed + self.epoch, self.mega)
-        self.epoch += 1
-        yield from batches
+        return iter(self.batches(self.epoch))
 
     def __len__(self) -> int:
         return -(-len(self.lengths) // self.batch_size)

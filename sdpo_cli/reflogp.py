@@ -18,6 +18,7 @@ from sdpo_cli.config import SdpoConfig, num_steps
 from sdpo_cli.distributed import make_accelerator, score_pairs_sharded
 from sdpo_cli.errors import ConfigError, SdpoError
 from sdpo_cli.fingerprints import reflogp_fp, require_data
+from sdpo_cli.logprobs import resolve_layout
 from sdpo_cli.models import (
     check_base,
     disable_dropout,
@@ -59,7 +60,8 @@ def run_reflogp(cfg: SdpoConfig, step: int, force: bool = False) -> Path:
     disable_dropout(model)
     with console.progress() as bar:
         chosen, rejected = score_pairs_sharded(accelerator, model, pairs, tok.pad_token_id,
-                                               cfg.inference.batch_size, bar, f"reflogp step {step}")
+                                               cfg.inference.batch_size, bar, f"reflogp step {step}",
+                                               resolve_layout(cfg.train.layout, model, cfg.data.max_length))
     gammas = [c - r for c, r in zip(chosen, rejected)]
     meta = {"stage": "reflogp", "step": step, "started": started, "fingerprint": fp, "reference": reference,
             "reference_identity": model_identity(reference), "data": run.rel(data_path), "rows": len(gammas),

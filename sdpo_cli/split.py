@@ -165,14 +165,15 @@ def _assign(cfg: SdpoConfig, pools: dict[str, list[dict]], tok, bar) -> list[lis
 def _base_gammas(cfg: SdpoConfig, pairs: list[dict], tok, bar) -> list[float]:
     from accelerate import Accelerator
 
-    from sdpo_cli.logprobs import score_pairs
+    from sdpo_cli.logprobs import resolve_layout, score_pairs
     from sdpo_cli.models import disable_dropout, load_model
 
     accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision)
     model = load_model(cfg.model).to(accelerator.device)
     disable_dropout(model)
     chosen, rejected = score_pairs(model, pairs, tok.pad_token_id, cfg.inference.batch_size, accelerator.device,
-                                   accelerator.autocast, bar, "curriculum: γ under base")
+                                   accelerator.autocast, bar, "curriculum: γ under base",
+                                   resolve_layout(cfg.train.layout, model, cfg.data.max_length))
     return [c - r for c, r in zip(chosen, rejected)]
 
 

@@ -27,7 +27,7 @@ from sdpo_cli.config import SdpoConfig, num_steps, section
 from sdpo_cli.distributed import make_accelerator
 from sdpo_cli.errors import ArtifactError, ConfigError, SdpoError
 from sdpo_cli.fingerprints import reflogp_fp, require_data, train_fp
-from sdpo_cli.logprobs import collate_pairs, completion_logps, pair_length
+from sdpo_cli.logprobs import LengthGroupedBatchSampler, collate_pairs, completion_logps, pair_length, resolve_layout
 from sdpo_cli.loss import dpo_losses, loss_at_equal_models
 from sdpo_cli.models import disable_dropout, load_model, load_tokenizer, reference_model, target_init_model
 from sdpo_cli.rundir import RunDir, check_not_stale, disk_full, disk_full_error, read_meta, writing
@@ -38,7 +38,7 @@ METRICS = ("loss", "loss/dpo", "rewards/chosen", "rewards/rejected", "rewards/ma
 
 def run_train(cfg: SdpoConfig, step: int, force: bool = False) -> Path:
     import datasets
-    from accelerate.utils import set_seed
+    from accelerate.utils import DataLoaderConfiguration, set_seed
     from transformers import get_scheduler
 
     started = time.time()
@@ -71,19 +71,13 @@ def run_train(cfg: SdpoConfig, step: int, force: bool = False) -> Path:
                                        refs["ref_chosen_logp"], refs["ref_rejected_logp"])]
 
     tr = cfg.train
+    # split_batches: the sampler yields global batches (per_device_batch_size x processes), each process takes its
+    # slice, so N processes see exactly the pairs of one process with an N-times larger batch, in the same order.
     accelerator = make_accelerator(gradient_accumulation_steps=tr.gradient_accumulation,
                                    mixed_precision=tr.mixed_precision, log_with=list(tr.report_to) or None,
-                                   project_dir=str(run.root / "logs"))
+                                   project_dir=str(run.root / "logs"),
+                                   dataloader_config=DataLoaderConfiguration(split_batches=True))
     set_seed(cfg.seed)
-
-    def collate(batch: list[dict]):
-        b = collate_pairs(batch, tok.pad_token_id)
-        ref = torch.tensor([[x["ref_chosen"], x["ref_rejected"]] for x in batch], dtype=torch.float32)
-        return b, ref
-
-    order = EpochBatches([pair_length(r) for r in rows], tr.per_device_batch_size, seed=cfg.seed + step,
-                         shuffle=tr.shuffle)
-    loader = torch.utils.data.DataLoader(rows, batch_sampler=order, collate_fn=collate)
 
     # ---- the target: M_{t-1} (or S, per dpo.target_init)
     init = target_init_model(cfg, run, step)
@@ -98,6 +92,19 @@ def run_train(cfg: SdpoConfig, step: int, force: bool = False) -> Path:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if cfg.peft.enabled:
             model.enable_input_require_grads()  # frozen embeddings: checkpointed blocks still need grad inputs
+    layout = resolve_layout(tr.layout, model, cfg.data.max_length)
+
+    def collate(batch: list[dict]):
+        b = collate_pairs(batch, tok.pad_token_id, layout)
+        ref = torch.tensor([[x["ref_chosen"], x["ref_rejected"]] for x in batch], dtype=torch.float32)
+        return b, ref
+
+    lengths = [pair_length(r, layout) for r in rows]
+    global_batch = tr.per_device_batch_size * accelerator.num_processes
+    order = (LengthGroupedBatchSampler(lengths, global_batch, seed=cfg.seed + step)
+             if tr.group_by_length and tr.shuffle else
+             EpochBatches(lengths, global_batch, seed=cfg.seed + step, shuffle=tr.shuffle))
+    loader = torch.utils.data.DataLoader(rows, batch_sampler=order, collate_fn=collate)
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": tr.weight_decay},
@@ -303,7 +310,7 @@ class Interrupted(SdpoError):
 class EpochBatches:
     """The batch order of each epoch as a pure function of (seed, epoch), so a resumed step replays exactly the
     batches an uninterrupted one would have seen. Used as the DataLoader's batch_sampler; accelerate shards it
-    across processes."""
+    across processes. (LengthGroupedBatchSampler follows the same rule, with batches of similar length.)"""
 
     def __init__(self, lengths: list[int], batch_size: int, seed: int, shuffle: bool = True):
         self.lengths, self.batch_size, self.seed, self.shuffle = lengths, batch_size, seed, shuffle

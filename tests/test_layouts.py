@@ -1,0 +1,265 @@
+"""Batch layouts of the shared log-prob path: the prefix-shared layout (one row per pair, prompt + chosen + rejected
+under a 4D mask) gives the padded layout's per-pair log-probs and gradients, on the tiny test model and on the real
+pretrained stories260K, with sdpa and eager attention; and the length-grouped training order is deterministic and
+covers every pair exactly once."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from sdpo_cli.logprobs import (
+    LengthGroupedBatchSampler,
+    collate_pairs,
+    completion_logps,
+    length_grouped_batches,
+    pair_lengths,
+    prefix_layout_unsupported,
+    score_pairs,
+)
+
+
+def random_pairs(vocab: int, n: int, seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+
+    def ids(lo, hi):
+        return [rng.randrange(4, vocab) for _ in range(rng.randint(lo, hi))]
+
+    pairs = [{"prompt_ids": [1] + ids(0, 14), "chosen_ids": ids(1, 16), "rejected_ids": ids(1, 16)} for _ in range(n)]
+    pairs[0]["rejected_ids"] = pairs[0]["rejected_ids"][:1]  # one-token completions: scored from the prompt only
+    pairs[-1]["chosen_ids"] = pairs[-1]["chosen_ids"][:1]
+    pairs[1]["prompt_ids"] = [1]  # a BOS-only prompt
+    return pairs
+
+
+def load(path, attn="sdpa"):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, attn_implementation=attn)
+    model.eval()
+    return model
+
+
+@pytest.fixture(scope="module", params=["tiny-sdpa", "tiny-eager", "stories260K-sdpa", "stories260K-eager"])
+def model(request, tiny_model_dir):
+    name, attn = request.param.rsplit("-", 1)
+    path = tiny_model_dir if name == "tiny" else request.getfixturevalue("stories_dir")
+    return load(path, attn)
+
+
+def test_prefix_collate_layout():
+    pairs = [{"prompt_ids": [1, 5, 6], "chosen_ids": [7, 8], "rejected_ids": [9]},
+             {"prompt_ids": [1, 5], "chosen_ids": [10, 11, 12], "rejected_ids": [13, 14]}]
+    b = collate_pairs(pairs, pad_id=0, layout="prefix")
+    assert b.layout == "prefix"
+    assert b.input_ids.tolist() == [[1, 5, 6, 7, 8, 9, 0], [1, 5, 10, 11, 12, 13, 14]]
+    # the rejected segment continues the prompt's positions; padding sits at position 0
+    assert b.position_ids.tolist() == [[0, 1, 2, 3, 4, 3, 0], [0, 1, 2, 3, 4, 2, 3]]
+    # chosen scored from P-1.., the first rejected token from the last prompt position (P-1), the rest from P+C+j-1
+    assert b.score_index.tolist() == [2, 3, 2, 7 + 1, 7 + 2, 7 + 3, 7 + 1, 7 + 5]
+    assert b.targets.tolist() == [7, 8, 9, 10, 11, 12, 13, 14]
+    assert b.segment.tolist() == [0, 0, 1, 2, 2, 2, 3, 3]
+    assert b.chosen_tokens.tolist() == [2, 3] and b.rejected_tokens.tolist() == [1, 2]
+    assert b.attention_mask.shape == (2, 1, 7, 7) and b.attention_mask.dtype == torch.bool
+    m = b.attention_mask[1, 0].int().tolist()
+    assert m[1] == [1, 1, 0, 0, 0, 0, 0]  # prompt: causal
+    assert m[4] == [1, 1, 1, 1, 1, 0, 0]  # last chosen token: prompt + chosen
+    assert m[5] == [1, 1, 0, 0, 0, 1, 0]  # first rejected token: prompt + itself, never the chosen reply
+    assert m[6] == [1, 1, 0, 0, 0, 1, 1]
+    m = b.attention_mask[0, 0].int().tolist()
+    assert m[6] == [0, 0, 0, 0, 0, 0, 1]  # padding attends to itself only (no fully masked softmax row)
+    assert all(m[q][6] == 0 for q in range(6))  # and nobody attends to padding
+    moved = b.to("cpu")
+    assert torch.equal(moved.position_ids, b.position_ids)
+    assert collate_pairs(pairs, pad_id=0).to("cpu").position_ids is None
+
+
+def test_unknown_layout_is_an_error():
+    with pytest.raises(ValueError, match="unknown layout"):
+        collate_pairs([{"prompt_ids": [1], "chosen_ids": [2], "rejected_ids": [3]}], pad_id=0, layout="packed")
+
+
+def test_prefix_equals_padded_forward(model):
+    pairs = random_pairs(model.config.vocab_size, 7, seed=1)
+    with torch.no_grad():
+        padded = completion_logps(model, collate_pairs(pairs, pad_id=0))
+        prefix = completion_logps(model, collate_pairs(pairs, pad_id=0, layout="prefix"))
+        other_pad = completion_logps(model, collate_pairs(pairs, pad_id=3, layout="prefix"))
+    for j in range(2):
+        for i in range(len(pairs)):
+            assert prefix[j][i].item() == pytest.approx(padded[j][i].item(), abs=1e-5, rel=1e-6)
+            assert other_pad[j][i].item() == pytest.approx(prefix[j][i].item(), abs=1e-5, rel=1e-6)
+
+
+def test_prefix_invariant_to_batch_composition(model):
+    pairs = random_pairs(model.config.vocab_size, 5, seed=4)
+    with torch.no_grad():
+        together = completion_logps(model, collate_pairs(pairs, pad_id=0, layout="prefix"))
+        for i, pair in enumerate(pairs):
+            alone = completion_logps(model, collate_pairs([pair], pad_id=0, layout="prefix"))
+            for j in range(2):
+                assert alone[j][0].item() == pytest.approx(together[j][i].item(), abs=1e-5, rel=1e-6)
+
+
+def test_prefix_equals_padded_gradients(model):
+    pairs = random_pairs(model.config.vocab_size, 4, seed=2)
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = []
+    for layout in ("padded", "prefix"):
+        chosen, rejected = completion_logps(model, collate_pairs(pairs, pad_id=0, layout=layout))
+        # a DPO-like objective: chosen and rejected weighted differently, so a mixed-up segment would show
+        loss = -torch.nn.functional.logsigmoid(0.1 * (1.3 * chosen - rejected)).sum()
+        grads.append(torch.autograd.grad(loss, params))
+    for a, b in zip(*grads):
+        # 1e-5 absolute, or fp32 rounding relative to the tensor's scale (sums of a few hundred nats)
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-5 * max(1.0, a.abs().max().item()))
+
+
+def test_score_pairs_same_numbers_in_either_layout(model):
+    pairs = random_pairs(model.config.vocab_size, 9, seed=3)
+    padded = score_pairs(model, pairs, pad_id=0, batch_size=4, device="cpu")
+    prefix = score_pairs(model, pairs, pad_id=0, batch_size=4, device="cpu", layout="prefix")
+    for j in range(2):
+        for a, b in zip(padded[j], prefix[j]):
+            assert b == pytest.approx(a, abs=1e-5, rel=1e-6)
+
+
+def test_score_pairs_reads_a_dataset_in_prefix_layout(tiny_model_dir):
+    import datasets
+
+    model = load(tiny_model_dir)
+    pairs = random_pairs(model.config.vocab_size, 6, seed=5)
+    table = datasets.Dataset.from_list(pairs)
+    assert pair_lengths(table, "prefix") == pair_lengths(pairs, "prefix")
+    assert pair_lengths(pairs, "prefix") == [len(p["prompt_ids"]) + len(p["chosen_ids"]) + len(p["rejected_ids"])
+                                             for p in pairs]
+    assert score_pairs(model, table, 0, 4, "cpu", layout="prefix") == score_pairs(model, pairs, 0, 4, "cpu",
+                                                                                   layout="prefix")
+
+
+def test_unsupported_attention_is_refused(tiny_model_dir):
+    model = load(tiny_model_dir)
+    assert prefix_layout_unsupported(model) is None
+    assert prefix_layout_unsupported(model.config) is None
+    model.config._attn_implementation = "flash_attention_2"
+    assert "flash_attention_2" in prefix_layout_unsupported(model)
+    assert "flash_attention_2" in prefix_layout_unsupported(model.config)
+    batch = collate_pairs(random_pairs(model.config.vocab_size, 2), pad_id=0, layout="prefix")
+    with pytest.raises(ValueError, match="layout 'padded'"):
+        completion_logps(model, batch)
+    model.config._attn_implementation = "sdpa"
+    model.config.sliding_window = 64
+    assert "sliding" in prefix_layout_unsupported(model, max_length=128)
+    assert prefix_layout_unsupported(model, max_length=64) is None
+
+
+def _grouped_check(lengths, batch_size, seed, mega=None):
+    batches = length_grouped_batches(lengths, batch_size, seed, mega=mega)
+    flat = [i for b in batches for i in b]
+    assert sorted(flat) == list(range(len(lengths)))  # every index exactly once
+    assert all(len(b) == batch_size for b in batches[:-1]) and 1 <= len(batches[-1]) <= batch_size
+    assert max(lengths[i] for i in batches[0]) == max(lengths)  # the longest batch first
+    return batches
+
+
+@pytest.mark.parametrize("n,batch_size", [(1, 4), (7, 4), (8, 4), (100, 8), (1003, 16)])
+def test_length_grouped_batches_cover_and_are_deterministic(n, batch_size):
+    rng = random.Random(n)
+    lengths = [rng.randint(5, 500) for _ in range(n)]
+    a = _grouped_check(lengths, batch_size, seed=11)
+    assert a == _grouped_check(lengths, batch_size, seed=11)
+    if n >= 100:
+        assert a != _grouped_check(lengths, batch_size, seed=12)
+        _grouped_check(lengths, batch_size, seed=11, mega=1)
+        _grouped_check(lengths, batch_size, seed=11, mega=10_000)
+
+
+def test_length_grouping_reduces_padding():
+    rng = random.Random(0)
+    lengths = [rng.randint(5, 500) for _ in range(512)]
+    g = torch.Generator().manual_seed(0)
+    perm = torch.randperm(len(lengths), generator=g).tolist()
+    random_batches = [perm[s:s + 8] for s in range(0, len(perm), 8)]
+
+    def padded_tokens(batches):
+        return sum(len(b) * max(lengths[i] for i in b) for b in batches)
+
+    grouped = length_grouped_batches(lengths, 8, generator_seed=0)
+    assert padded_tokens(grouped) < 0.75 * padded_tokens(random_batches)
+    # with one mega-batch holding everything, batches are sorted runs: consecutive lengths within a batch
+    full = length_grouped_batches(lengths, 8, generator_seed=0, mega=10_000)
+    assert padded_tokens(full) < 1.05 * sum(lengths)
+    # batches come in random order, not longest to shortest
+    firsts = [max(lengths[i] for i in b) for b in grouped[1:]]
+    assert firsts != sorted(firsts, reverse=True)
+
+
+def test_length_grouped_sampler_epochs():
+    rng = random.Random(1)
+    lengths = [rng.randint(1, 100) for _ in range(50)]
+    sampler = LengthGroupedBatchSampler(lengths, 4, seed=3)
+    assert len(sampler) == 13
+    first = list(sampler)
+    assert first == list(sampler) == length_grouped_batches(lengths, 4, 3000)  # a pure function of (seed, epoch)
+    sampler.set_epoch(1)
+    second = list(sampler)
+    assert second == sampler.batches(1) == length_grouped_batches(lengths, 4, 3001) and second != first
+    sampler.set_epoch(0)
+    loader = torch.utils.data.DataLoader(list(range(50)), batch_sampler=sampler)
+    assert [b.tolist() for b in loader] == first
+
+
+def _full_head(hidden, weight, targets):
+    return torch.log_softmax((hidden @ weight.t()).float(), -1).gather(-1, targets[:, None]).squeeze(-1)
+
+
+@pytest.mark.parametrize("chunk", [5, 8, 64])
+def test_fused_head_matches_autograd(chunk):
+    from sdpo_cli.logprobs import chunked_token_logps
+
+    torch.manual_seed(0)
+    hidden = torch.randn(37, 16, requires_grad=True)
+    weight = torch.randn(50, 16, requires_grad=True)
+    targets = torch.randint(0, 50, (37,))
+    upstream = torch.randn(37)  # per-token weights, as a DPO loss gives per segment
+    ours = chunked_token_logps(hidden, weight, targets, chunk=chunk)
+    full = _full_head(hidden, weight, targets)
+    assert torch.allclose(ours, full, atol=1e-5)
+    g_ours = torch.autograd.grad((ours * upstream).sum(), (hidden, weight))
+    g_full = torch.autograd.grad((full * upstream).sum(), (hidden, weight))
+    for a, b in zip(g_ours, g_full):
+        assert torch.allclose(a, b, atol=1e-5)
+    # a frozen head (LoRA-style): only the hidden states get a gradient
+    frozen = weight.detach()
+    (g_h,) = torch.autograd.grad(chunked_token_logps(hidden, frozen, targets, chunk=chunk).sum(), (hidden,))
+    assert torch.allclose(g_h, torch.autograd.grad(_full_head(hidden, frozen, targets).sum(), (hidden,))[0],
+                          atol=1e-5)
+    with torch.no_grad():
+        assert torch.allclose(chunked_token_logps(hidden, weight, targets, chunk=chunk), full, atol=1e-5)
+
+
+def test_fused_head_under_bf16_autocast():
+    from sdpo_cli.logprobs import chunked_token_logps
+
+    torch.manual_seed(1)
+    hidden = torch.randn(40, 32, requires_grad=True)
+    weight = (0.2 * torch.randn(300, 32)).requires_grad_()
+    targets = torch.randint(0, 300, (40,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = chunked_token_logps(hidden, weight, targets, chunk=16)
+        full = _full_head(hidden, weight, targets)  # autocast runs the matmul in bf16, softmax in fp32
+    assert ours.dtype == torch.float32
+    assert torch.allclose(ours, full, atol=1e-4)
+    g_ours = torch.autograd.grad(ours.sum(), (hidden, weight))
+    g_full = torch.autograd.grad(full.sum(), (hidden, weight))
+    for a, b in zip(g_ours, g_full):
+        assert a.dtype == torch.float32
+        assert torch.allclose(a, b, atol=2e-2 * b.abs().max().item())  # bf16 matmuls on both sides
+
+
+@pytest.mark.parametrize("layout", ["padded", "prefix"])
+def test_empty_prompt_is_refused(layout):
+    with pytest.raises(ValueError, match="empty prompt"):
+        collate_pairs([{"prompt_ids": [], "chosen_ids": [2], "rejected_ids": [3]}], pad_id=0, layout=layout)
