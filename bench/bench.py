@@ -75,20 +75,13 @@ def _emit(result: dict) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------- prep
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
 def prep(work: Path, rows_needed: int) -> None:
     """Tokenizer + model + tokenised rows under `work` (skipped when already there)."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from sdpo_cli.data.tokenize import common_prefix_length
 
     model_dir, data_file = work / "model", work / "rows.json"
     uf = [json.loads(line) for line in (FIXTURES / "ultrafeedback_binarized.sample.jsonl").open()]
@@ -126,7 +119,7 @@ def prep(work: Path, rows_needed: int) -> None:
         p = tok(prompt)["input_ids"]
         fc = tok(prompt + chosen + tok.eos_token)["input_ids"]
         fr = tok(prompt + rejected + tok.eos_token)["input_ids"]
-        n = min(_common_prefix(p, fc), _common_prefix(p, fr))
+        n = min(common_prefix_length(p, fc), common_prefix_length(p, fr))
         pair = {"prompt": prompt, "chosen": chosen, "rejected": rejected,
                 "prompt_ids": p[:n], "chosen_ids": fc[n:], "rejected_ids": fr[n:]}
         if n >= 1 and pair["chosen_ids"] and pair["rejected_ids"] and \

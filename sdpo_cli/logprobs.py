@@ -90,15 +90,17 @@ def collate_pairs(pairs: list[dict], pad_id: int, layout: str = "padded") -> Pai
         score_index.extend(range(r * length + p_len - 1, r * length + p_len + c_len - 1))
         targets.extend(row[p_len:])
         segment.extend([seg] * c_len)
-    return PairBatch(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        score_index=torch.tensor(score_index, dtype=torch.long),
-        targets=torch.tensor(targets, dtype=torch.long),
-        segment=torch.tensor(segment, dtype=torch.long),
-        chosen_tokens=torch.tensor([len(p["chosen_ids"]) for p in pairs], dtype=torch.long),
-        rejected_tokens=torch.tensor([len(p["rejected_ids"]) for p in pairs], dtype=torch.long),
-    )
+    return _pair_batch(pairs, input_ids, attention_mask, None, score_index, targets, segment)
+
+
+def _pair_batch(pairs, input_ids, attention_mask, position_ids, score_index, targets, segment) -> PairBatch:
+    def longs(values):
+        return torch.tensor(values, dtype=torch.long)
+
+    return PairBatch(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                     score_index=longs(score_index), targets=longs(targets), segment=longs(segment),
+                     chosen_tokens=longs([len(p["chosen_ids"]) for p in pairs]),
+                     rejected_tokens=longs([len(p["rejected_ids"]) for p in pairs]))
 
 
 _PROMPT, _CHOSEN, _REJECTED, _PAD = 0, 1, 2, 3
@@ -137,16 +139,7 @@ def _collate_prefix(pairs: list[dict], pad_id: int) -> PairBatch:
     allowed = torch.ones(length, length, dtype=torch.bool).tril()[None] & real[:, :, None] & real[:, None, :]
     allowed &= ~((q_part == _REJECTED) & (k_part == _CHOSEN))
     allowed |= torch.eye(length, dtype=torch.bool)[None]
-    return PairBatch(
-        input_ids=input_ids,
-        attention_mask=allowed[:, None],
-        position_ids=position_ids,
-        score_index=torch.tensor(score_index, dtype=torch.long),
-        targets=torch.tensor(targets, dtype=torch.long),
-        segment=torch.tensor(segment, dtype=torch.long),
-        chosen_tokens=torch.tensor([len(p["chosen_ids"]) for p in pairs], dtype=torch.long),
-        rejected_tokens=torch.tensor([len(p["rejected_ids"]) for p in pairs], dtype=torch.long),
-    )
+    return _pair_batch(pairs, input_ids, allowed[:, None], position_ids, score_index, targets, segment)
 
 
 def _config(model):

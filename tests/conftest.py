@@ -108,6 +108,17 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
+def set_dotted(cfg: dict, changes: dict) -> dict:
+    """Apply {"train.learning_rate": 1e-3, ...} to a nested config dict."""
+    for key, value in changes.items():
+        node = cfg
+        *parents, last = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = value
+    return cfg
+
+
 @pytest.fixture
 def tiny_config(tmp_path, tiny_model_dir):
     """Write a two-step config on the tiny model and two orca-schema files; returns (config path, run dir)."""
@@ -125,12 +136,7 @@ def tiny_config(tmp_path, tiny_model_dir):
             "train": {"learning_rate": 1e-3, "per_device_batch_size": 4, "logging_every": 2, "warmup_ratio": 0.0},
             "inference": {"batch_size": 8},
         }
-        for key, value in extra.items():
-            node = cfg
-            *parents, last = key.split(".")
-            for p in parents:
-                node = node.setdefault(p, {})
-            node[last] = value
+        set_dotted(cfg, extra)
         path = tmp_path / "config.yaml"
         path.write_text(yaml.safe_dump(cfg))
         return path, tmp_path / "run"

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import run_cli, tiny_pairs, write_jsonl
+from tests.conftest import run_cli, set_dotted, tiny_pairs, write_jsonl
 
 
 def run_in_process(*args: str) -> subprocess.CompletedProcess:
@@ -60,12 +60,7 @@ def write_config(folder: Path, model: Path, **extra) -> Path:
     cfg = {"run_dir": str(folder / "run"), "model": {"base": str(model)},
            "data": {"sources": [{"name": "a", "path": str(a)}, {"name": "b", "path": str(b)}], "max_length": 64},
            "split": {"strategy": "natural"}}
-    for key, value in extra.items():
-        node = cfg
-        *parents, last = key.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[last] = value
+    set_dotted(cfg, extra)
     path = folder / "config.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
