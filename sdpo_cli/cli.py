@@ -20,7 +20,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from sdpo_cli import console
-from sdpo_cli.errors import ConfigError, SdpoError
+from sdpo_cli.errors import SdpoError
 
 app = typer.Typer(
     name="sdpo",
@@ -209,4 +209,4 @@ def _fail(e: SdpoError) -> None:
     sys.exit(e.exit_code)
 
 
-__all__ = ["app", "main", "ConfigError"]
+__all__ = ["app", "main"]

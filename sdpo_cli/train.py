@@ -307,17 +307,14 @@ class Interrupted(SdpoError):
     exit_code = 130
 
 
-class EpochBatches:
-    """The batch order of each epoch as a pure function of (seed, epoch), so a resumed step replays exactly the
-    batches an uninterrupted one would have seen. Used as the DataLoader's batch_sampler; accelerate shards it
-    across processes. (LengthGroupedBatchSampler follows the same rule, with batches of similar length.)"""
+class EpochBatches(LengthGroupedBatchSampler):
+    """Random (or file-order) batches, with the sampler protocol of LengthGroupedBatchSampler: the order of each
+    epoch is a pure function of (seed, epoch), so a resumed step replays exactly the batches an uninterrupted one
+    would have seen."""
 
     def __init__(self, lengths: list[int], batch_size: int, seed: int, shuffle: bool = True):
-        self.lengths, self.batch_size, self.seed, self.shuffle = lengths, batch_size, seed, shuffle
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        super().__init__(lengths, batch_size, seed)
+        self.shuffle = shuffle
 
     def batches(self, epoch: int) -> list[list[int]]:
         n = len(self.lengths)
@@ -326,12 +323,6 @@ class EpochBatches:
         else:
             idx = list(range(n))
         return [idx[i:i + self.batch_size] for i in range(0, n, self.batch_size)]
-
-    def __iter__(self):
-        return iter(self.batches(self.epoch))
-
-    def __len__(self) -> int:
-        return math.ceil(len(self.lengths) / self.batch_size)
 
 
 class _StopSignals:
