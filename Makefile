@@ -71,3 +71,23 @@ clean:
 .PHONY: bench
 bench: install
 	$(PY) bench/bench.py $(BENCH_ARGS)
+
+# ---- sdpo vs TRL on the lent GPU machine (bench/gpu.sh; docs/performance.md "GPU"). That machine has torch,
+# accelerate, pyarrow, ... but no trl, datasets (+ dill, multiprocess, its fsspec) or omegaconf, and an older
+# transformers (+ regex; peft to match it). `make gpu-wheels` downloads these at this venv's versions as Python 3.12
+# x86-64 wheels into .whl/ (git-ignored, ~17 MB; the carried tree must stay under 64 MiB) for the device call to
+# carry. bench-gpu runs the benchmark where a GPU and the packages are at hand; BENCH_GPU_ARGS=--smoke checks its
+# code paths on CPU (~30 s).
+GPU_WHEEL_PKGS ?= trl datasets dill multiprocess fsspec omegaconf transformers regex peft
+.PHONY: gpu-wheels bench-gpu
+gpu-wheels: install
+	rm -rf .whl && mkdir -p .whl
+	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	  --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
+	  --platform manylinux2014_x86_64 --platform manylinux1_x86_64 -d .whl \
+	  $$($(PY) -c "import sys, importlib.metadata as m; print(*[f'{n}=={m.version(n)}' for n in sys.argv[1:]])" \
+	     $(GPU_WHEEL_PKGS))
+	@ls -1 .whl && du -ch .whl/*.whl | tail -1
+
+bench-gpu: install
+	$(PY) bench/gpu.py $(BENCH_GPU_ARGS)
