@@ -212,7 +212,8 @@ def run_trl(work: Path, precompute: bool, threads: int) -> None:
 
 # ----------------------------------------------------------------------------------------------------------- sdpo
 def run_sdpo(work: Path, layout: str, group: bool, threads: int, live_ref: bool = False, gc: bool = False,
-             full_head: bool = False, ref_batch: int = REF_BATCH, extra_ref_batches: tuple[int, ...] = ()) -> None:
+             full_head: bool = False, ref_batch: int = REF_BATCH, extra_ref_batches: tuple[int, ...] = (),
+             compile: bool = False) -> None:
     import torch
 
     if full_head:  # ablation: the plain HF path, [rows, L, V] logits of every position, log-softmax in autograd
@@ -225,6 +226,7 @@ def run_sdpo(work: Path, layout: str, group: bool, threads: int, live_ref: bool 
 
     from sdpo_cli.logprobs import (
         collate_pairs,
+        compile_blocks,
         completion_logps,
         length_grouped_batches,
         pair_lengths,
@@ -255,6 +257,8 @@ def run_sdpo(work: Path, layout: str, group: bool, threads: int, live_ref: bool 
     model.train()
     if gc:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if compile:  # train.compile: the compile time of the first updates counts in the figures
+        compile_blocks(model)
     updates = len(rows) // BATCH
     if group:
         batches = length_grouped_batches(pair_lengths(rows, layout), BATCH, generator_seed=0)
@@ -263,9 +267,10 @@ def run_sdpo(work: Path, layout: str, group: bool, threads: int, live_ref: bool 
         batches = [perm[s:s + BATCH] for s in range(0, len(perm), BATCH)]
     optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0, fused=True)
     scheduler = get_scheduler("linear", optimizer, num_warmup_steps=0, num_training_steps=updates)
-    losses, positions = [], 0
+    losses, positions, update_cpu = [], 0, []
     t0, c0 = time.perf_counter(), time.process_time()
     for idx in batches[:updates]:
+        c_update = time.process_time()
         pairs = [rows[i] for i in idx]
         batch = collate_pairs(pairs, pad_id, layout=layout)
         positions += batch.input_ids.numel()
@@ -282,15 +287,15 @@ def run_sdpo(work: Path, layout: str, group: bool, threads: int, live_ref: bool 
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.detach())
+        losses.append(loss.item())
+        update_cpu.append(time.process_time() - c_update)
     cpu, wall = time.process_time() - c0, time.perf_counter() - t0
-    losses = [x.item() for x in losses]
     tokens = trl_tokens([rows[i] for b in batches[:updates] for i in b])
     name = f"sdpo_{layout}_{'grouped' if group else 'random'}" + ("_liveref" if live_ref else "") + \
-        ("_gc" if gc else "") + ("_fullhead" if full_head else "")
+        ("_gc" if gc else "") + ("_fullhead" if full_head else "") + ("_compiled" if compile else "")
     _emit({"kind": name, "updates": updates, "pairs": len(rows), "tokens": tokens, "positions": positions,
            "train_cpu_s": cpu, "train_wall_s": wall, "tok_per_cpu_s": tokens / cpu, "tok_per_wall_s": tokens / wall,
-           "s_per_update_cpu": cpu / updates, **ref_info[ref_batch],
+           "s_per_update_cpu": cpu / updates, "update_cpu_s": update_cpu, **ref_info[ref_batch],
            "ref_extra": {str(k): v for k, v in ref_info.items() if k != ref_batch},
            "first_loss": losses[0], "ln2_ok": abs(losses[0] - math.log(2)) < 1e-4, "last_loss": losses[-1],
            "rss_after_imports_mb": rss_imports, "rss_after_reflogp_mb": rss_reflogp, "peak_rss_mb": _peak_rss_mb()})
@@ -364,6 +369,8 @@ ABLATIONS = [  # one technique at a time, from the plain HF-style loop to the fu
     ("sdpo_padded_grouped", ["--layout", "padded", "--group", "1"]),
     ("sdpo_prefix_random", ["--layout", "prefix", "--group", "0"]),
     ("sdpo_prefix_grouped_gc", ["--layout", "prefix", "--group", "1", "--gc", "1"]),
+    ("sdpo_packed_grouped", ["--layout", "packed", "--group", "1"]),
+    ("sdpo_prefix_grouped_compiled", ["--layout", "prefix", "--group", "1", "--compile", "1"]),
 ]
 
 
@@ -375,7 +382,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch threads in every subprocess")
     ap.add_argument("--ablations", action="store_true", help="also run the one-technique-at-a-time sdpo variants")
     ap.add_argument("--only", default=None, help="comma-separated subset of trl_default,trl_precompute,sdpo,"
-                                                 "cli_T1,cli_T2 (default: all)")
+                                                 "cli_T1,cli_T2 or an ablation name (default: all)")
     ap.add_argument("--workdir", default=None, help="keep model, tokenizer and rows here (default: a temp dir)")
     ap.add_argument("--out", default=None, help="append every result as a JSON line to this file")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -384,6 +391,7 @@ def main() -> None:
     ap.add_argument("--live-ref", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--full-head", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--gc", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--compile", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--ref-extra", default="", help=argparse.SUPPRESS)
     ap.add_argument("--rows", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--steps", type=int, default=1, help=argparse.SUPPRESS)
@@ -400,7 +408,7 @@ def main() -> None:
         elif a.worker == "sdpo":
             extra = tuple(int(x) for x in a.ref_extra.split(",") if x)
             run_sdpo(work, a.layout, bool(a.group), a.threads, live_ref=bool(a.live_ref), gc=bool(a.gc),
-                     full_head=bool(a.full_head), extra_ref_batches=extra)
+                     full_head=bool(a.full_head), extra_ref_batches=extra, compile=bool(a.compile))
         elif a.worker == "cli":
             run_cli(work, a.steps, a.threads)
         else:
@@ -424,9 +432,10 @@ def main() -> None:
     plan = [("trl_default", ["--worker", "trl_default"]), ("trl_precompute", ["--worker", "trl_precompute"]),
             ("sdpo", ["--worker", "sdpo", "--layout", "prefix", "--group", "1", "--ref-extra", str(BATCH)]),
             ("cli_T1", ["--worker", "cli", "--steps", "1"]), ("cli_T2", ["--worker", "cli", "--steps", "2"])]
-    if a.only:
+    if a.only:  # any of the plan's names or the ablations', interleaved like the plan
         wanted = set(a.only.split(","))
-        plan = [(name, args) for name, args in plan if name in wanted]
+        plan = [(name, args) for name, args in plan + [(n, ["--worker", "sdpo", *x]) for n, x in ABLATIONS]
+                if name in wanted]
     results: dict[str, list[dict]] = {name: [] for name, _ in plan}
     out = open(a.out, "a") if a.out else None
 

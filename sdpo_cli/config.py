@@ -26,11 +26,14 @@ from yaml import YAMLError
 
 from sdpo_cli.errors import ConfigError
 
+LAYOUTS = ("prefix", "padded", "packed")  # train.layout: how pairs become token rows (sdpo_cli/logprobs.py)
+
 FORMATS = ("auto", "orca", "ultrafeedback", "argilla", "preference", "columns")
 STRATEGIES = ("natural", "stratified", "random", "curriculum")
 LOSSES = ("sigmoid", "robust", "hinge", "ipo")
 DTYPES = ("auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16")
 SCHEDULES = ("linear", "cosine", "constant", "constant_with_warmup")
+QUANTIZATIONS = ("4bit", "8bit")  # model.quantization (bitsandbytes)
 
 
 @dataclass
@@ -55,6 +58,7 @@ class ModelConfig:
     pad_token: Optional[str] = None  # used when the tokenizer has none; default: unk, else eos
     trust_remote_code: bool = False
     allow_pickle: bool = False  # load .bin/.pt checkpoints (pickle); safetensors only by default
+    quantization: Optional[str] = None  # None | 4bit (NF4, QLoRA) | 8bit: bitsandbytes, for every role; needs peft
 
 
 @dataclass
@@ -100,7 +104,8 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     disable_dropout: bool = True  # as TRL: dropout would make the ln 2 check and the reference pass noisy
     shuffle: bool = True
-    layout: str = "prefix"  # prefix (prompt computed once for chosen and rejected) | padded (TRL's layout)
+    layout: str = "prefix"  # prefix (prompt computed once for chosen and rejected) | padded (TRL's) | packed (no pad)
+    compile: bool = False  # torch.compile each transformer block (regional, dynamic shapes); pays off on GPUs
     group_by_length: bool = True  # batches of similar length (shuffled within mega-batches), less padding
     logging_every: int = 10  # updates between metric lines; update 0 is always logged
     report_to: List[str] = field(default_factory=list)  # accelerate trackers: tensorboard | wandb
@@ -336,8 +341,8 @@ def validate(cfg: SdpoConfig, where: str = "config") -> None:
     tr = cfg.train
     if tr.lr_schedule not in SCHEDULES:
         raise bad("train.lr_schedule", f"unknown schedule {tr.lr_schedule!r}", "use one of " + " | ".join(SCHEDULES))
-    if tr.layout not in ("prefix", "padded"):
-        raise bad("train.layout", f"unknown layout {tr.layout!r}", "use prefix | padded")
+    if tr.layout not in LAYOUTS:
+        raise bad("train.layout", f"unknown layout {tr.layout!r}", f"use {' | '.join(LAYOUTS)}")
     if tr.mixed_precision not in ("no", "bf16", "fp16"):
         raise bad("train.mixed_precision", f"unknown value {tr.mixed_precision!r}", "use no | bf16 | fp16")
     for key, value in (("per_device_batch_size", tr.per_device_batch_size),
@@ -354,6 +359,17 @@ def validate(cfg: SdpoConfig, where: str = "config") -> None:
         raise bad("train.warmup_ratio", "must be in [0, 1)", "e.g. 0.1")
     if cfg.peft.enabled and (cfg.peft.r < 1 or cfg.peft.alpha <= 0):
         raise bad("peft.r", "LoRA rank and alpha must be positive", "e.g. peft.r=16 peft.alpha=32")
+    if cfg.model.quantization is not None:
+        if cfg.model.quantization not in QUANTIZATIONS:
+            raise bad("model.quantization", f"unknown value {cfg.model.quantization!r}", "use 4bit | 8bit | null")
+        if not cfg.peft.enabled:
+            raise bad("model.quantization", "a quantized model can only be trained through a LoRA adapter (QLoRA)",
+                      "set peft.enabled=true, or model.quantization=null for full fine-tuning")
+        import importlib.util
+
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise bad("model.quantization", "the bitsandbytes package is not installed",
+                      "pip install 'sdpo[qlora]'  # or set model.quantization=null")
     if cfg.inference.batch_size < 1:
         raise bad("inference.batch_size", "must be at least 1", "e.g. inference.batch_size=16")
     validate_eval(cfg.eval.tasks, cfg.eval.limit, where)

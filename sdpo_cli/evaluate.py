@@ -25,7 +25,7 @@ import os
 import statistics
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Any, Iterator
@@ -272,7 +272,9 @@ class Evaluator:
         if self._tokenizer is None:  # the base model's, as every stage uses (checkpoints carry a copy)
             self._tokenizer = load_tokenizer(self.cfg.model)
         tok = self._tokenizer
-        model = load_model(self.cfg.model, source).to(device)
+        # the checkpoint as users will serve it: M_t is a full-precision merge even under QLoRA (model.quantization
+        # is a training-time view, sdpo_cli/lora.py), so the benchmarks score it unquantized
+        model = load_model(replace(self.cfg.model, quantization=None), source).to(device)
         model.config.use_cache = True  # generation tasks; load_model turns it off for training
         with _quiet_lm_eval():  # it warns that a loaded model makes its device/dtype arguments moot: they are ours
             lm = _counting_hflm()(pretrained=model, tokenizer=tok, batch_size=self.cfg.eval.batch_size,

@@ -4,7 +4,8 @@ A finished artifact whose recorded fingerprint differs from the one below was ma
 other inputs: stages refuse to build on it (and `run` refuses to skip it) until it is redone with `--force`.
 
     split       data + split config, seed, tokenizer, the sources' contents (local) or names (hub)
-    reflogp t   data/step-t, the reference model's identity, the numerics (dtype, attention, precision);
+    reflogp t   data/step-t, the reference model's identity, the numerics (dtype, attention, precision,
+                quantization);
                 gamma's cached log-probs use the same hash, so it reuses reflogp results
     train t     data/step-t, reflogp/step-t, the target's initial model, dpo + train config, seed, numerics
 """
@@ -26,7 +27,10 @@ def source_identity(path: str, split: str, subset: str | None) -> str:
 
 
 def numerics(cfg: SdpoConfig) -> list:
-    return [cfg.model.dtype, cfg.model.attn_implementation, cfg.train.mixed_precision, cfg.train.layout]
+    values = [cfg.model.dtype, cfg.model.attn_implementation, cfg.train.mixed_precision, cfg.train.layout]
+    # model.quantization changes every log-prob (reflogp, gamma, curriculum scores, the target); appended only when
+    # set, so that the fingerprints of unquantized runs stay what they were
+    return (values + [f"quantization={cfg.model.quantization}"]) if cfg.model.quantization else values
 
 
 def split_fp(cfg: SdpoConfig, tok) -> str:

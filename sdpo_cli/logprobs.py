@@ -13,6 +13,11 @@ Layouts (`collate_pairs(..., layout=)`), all giving the same per-pair sums (test
   rejected``. The rejected segment's position ids continue after the prompt (P..P+R-1), an explicit 4D boolean mask
   [B,1,L,L] is causal within the row and hides the chosen keys from the rejected queries, and the first rejected
   token is scored from the last prompt position. The prompt's forward and backward run once per pair.
+* ``packed`` — padding-free: ONE row holding the 2B sequences ``prompt + chosen``, ``prompt + rejected`` back to
+  back, position ids restarting at 0 for each, no attention mask. transformers then keeps the sequences apart itself:
+  flash attention runs its variable-length kernel (we also pass the cumulative sequence lengths, so it need not
+  infer them), sdpa / eager get a block-diagonal causal mask from the position ids (dense over the whole row: on
+  those, packing costs more attention than it saves padding). Use it with flash_attention_2/3.
 
 In every layout we run the decoder body, gather only the hidden states that score a completion token, and apply the
 LM head to them in chunks, so the [tokens x vocab] logits of the whole batch never exist at once; in training each
@@ -26,10 +31,12 @@ from dataclasses import dataclass
 
 import torch
 
+from sdpo_cli.config import LAYOUTS
+
 HEAD_CHUNK = 4096  # scored tokens per LM-head chunk at most
 HEAD_CHUNK_ELEMENTS = 1 << 25  # and at most 32M logits (128 MB in fp32) per chunk: 1024 tokens at a 32K vocabulary
-LAYOUTS = ("padded", "prefix")
 MASKED_ATTENTION = ("sdpa", "eager")  # implementations that take our explicit 4D mask as a tensor
+FLASH_ATTENTION = ("flash_attention_2", "flash_attention_3")  # variable-length kernels: the packed layout's own
 # (flex_attention would need a BlockMask; its CPU compile fails in torch 2.13 and it has no CPU backward)
 
 
@@ -38,30 +45,30 @@ class PairBatch:
     """Token tensors for one forward pass over B pairs.
 
     padded: input_ids, attention_mask (2B, L), position_ids None. prefix: input_ids, position_ids (B, L) and a boolean
-    attention_mask (B, 1, L, L) (True = may attend). score_index: (K,) flat indices into the (rows*L) positions whose
-    hidden state predicts a completion token; targets: (K,) those tokens; segment: (K,) 2i for pair i's chosen, 2i+1
-    for its rejected. chosen_tokens / rejected_tokens: (B,) completion lengths.
+    attention_mask (B, 1, L, L) (True = may attend). packed: input_ids, position_ids (1, N), no attention_mask,
+    cu_seqlens (2B+1,) int32 sequence boundaries and max_seqlen. score_index: (K,) flat indices into the (rows*L)
+    positions whose hidden state predicts a completion token; targets: (K,) those tokens; segment: (K,) 2i for pair
+    i's chosen, 2i+1 for its rejected. chosen_tokens / rejected_tokens: (B,) completion lengths.
     """
 
     input_ids: torch.Tensor
-    attention_mask: torch.Tensor
+    attention_mask: torch.Tensor | None
     score_index: torch.Tensor
     targets: torch.Tensor
     segment: torch.Tensor
     chosen_tokens: torch.Tensor
     rejected_tokens: torch.Tensor
     position_ids: torch.Tensor | None = None
+    layout: str = "padded"
+    cu_seqlens: torch.Tensor | None = None
+    max_seqlen: int = 0
 
     @property
     def n_pairs(self) -> int:
         return self.chosen_tokens.shape[0]
 
-    @property
-    def layout(self) -> str:
-        return "padded" if self.attention_mask.dim() == 2 else "prefix"
-
     def to(self, device, non_blocking: bool = False) -> PairBatch:
-        return PairBatch(**{k: v.to(device, non_blocking=non_blocking) if v is not None else None
+        return PairBatch(**{k: v.to(device, non_blocking=non_blocking) if isinstance(v, torch.Tensor) else v
                             for k, v in self.__dict__.items()})
 
 
@@ -71,6 +78,8 @@ def collate_pairs(pairs: list[dict], pad_id: int, layout: str = "padded") -> Pai
         raise ValueError("a pair has an empty prompt: its first completion token needs a token (e.g. BOS) before it")
     if layout == "prefix":
         return _collate_prefix(pairs, pad_id)
+    if layout == "packed":
+        return _collate_packed(pairs)
     if layout != "padded":
         raise ValueError(f"unknown layout {layout!r}: use one of {', '.join(LAYOUTS)}")
     rows, scored = [], []
@@ -93,14 +102,15 @@ def collate_pairs(pairs: list[dict], pad_id: int, layout: str = "padded") -> Pai
     return _pair_batch(pairs, input_ids, attention_mask, None, score_index, targets, segment)
 
 
-def _pair_batch(pairs, input_ids, attention_mask, position_ids, score_index, targets, segment) -> PairBatch:
+def _pair_batch(pairs, input_ids, attention_mask, position_ids, score_index, targets, segment,
+                layout: str = "padded", **extra) -> PairBatch:
     def longs(values):
         return torch.tensor(values, dtype=torch.long)
 
     return PairBatch(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                      score_index=longs(score_index), targets=longs(targets), segment=longs(segment),
                      chosen_tokens=longs([len(p["chosen_ids"]) for p in pairs]),
-                     rejected_tokens=longs([len(p["rejected_ids"]) for p in pairs]))
+                     rejected_tokens=longs([len(p["rejected_ids"]) for p in pairs]), layout=layout, **extra)
 
 
 _PROMPT, _CHOSEN, _REJECTED, _PAD = 0, 1, 2, 3
@@ -139,7 +149,29 @@ def _collate_prefix(pairs: list[dict], pad_id: int) -> PairBatch:
     allowed = torch.ones(length, length, dtype=torch.bool).tril()[None] & real[:, :, None] & real[:, None, :]
     allowed &= ~((q_part == _REJECTED) & (k_part == _CHOSEN))
     allowed |= torch.eye(length, dtype=torch.bool)[None]
-    return _pair_batch(pairs, input_ids, allowed[:, None], position_ids, score_index, targets, segment)
+    return _pair_batch(pairs, input_ids, allowed[:, None], position_ids, score_index, targets, segment, "prefix")
+
+
+def _collate_packed(pairs: list[dict]) -> PairBatch:
+    """One row, no padding: prompt+chosen_1, ..., prompt+chosen_B, prompt+rejected_1, ..., prompt+rejected_B, each
+    with position ids 0..len-1 (the restart at 0 is what tells transformers where a sequence begins). Completion
+    token j of a sequence starting at offset o is scored from o+P-1+j, as in the padded layout."""
+    ids, positions, bounds = [], [], [0]
+    score_index, targets, segment = [], [], []
+    for which in ("chosen_ids", "rejected_ids"):
+        for i, pair in enumerate(pairs):
+            p, c = pair["prompt_ids"], pair[which]
+            start = len(ids)
+            ids.extend(p + c)
+            positions.extend(range(len(p) + len(c)))
+            bounds.append(len(ids))
+            score_index.extend(range(start + len(p) - 1, start + len(p) + len(c) - 1))
+            targets.extend(c)
+            segment.extend([2 * i + (which == "rejected_ids")] * len(c))
+    lengths = [b - a for a, b in zip(bounds, bounds[1:])]
+    return _pair_batch(pairs, torch.tensor([ids], dtype=torch.long), None, torch.tensor([positions], dtype=torch.long),
+                       score_index, targets, segment, "packed",
+                       cu_seqlens=torch.tensor(bounds, dtype=torch.int32), max_seqlen=max(lengths))
 
 
 def _config(model):
@@ -153,16 +185,23 @@ def _config(model):
     return getattr(model, "config", None)
 
 
-def prefix_layout_unsupported(model, max_length: int | None = None) -> str | None:
-    """Why `layout="prefix"` would not give the padded layout's numbers for this model (or its config, e.g. from
-    AutoConfig with the attn_implementation set as load_model sets it), or None if it does.
+def _attn_impl(model) -> str:
+    return getattr(_config(model), "_attn_implementation", None) or "eager"
 
-    The prefix layout needs an attention implementation that takes an explicit 4D mask tensor (sdpa or eager; not
+
+def layout_unsupported(model, layout: str, max_length: int | None = None) -> str | None:
+    """Why `layout` would not give the padded layout's numbers for this model (or its config, e.g. from AutoConfig
+    with the attn_implementation set as load_model sets it), or None if it does.
+
+    `prefix` needs an attention implementation that takes an explicit 4D mask tensor (sdpa or eager; not
     flash_attention_* or flex_attention), and no sliding-window / local layers (the explicit mask replaces the
-    window) unless every sequence fits inside the window (`max_length` <= window).
+    window) unless every sequence fits inside the window (`max_length` <= window). `padded` and `packed` work with
+    every implementation: transformers builds their masks (for `packed` from the position ids).
     """
+    if layout != "prefix":
+        return None
     config = _config(model)
-    impl = getattr(config, "_attn_implementation", None) or "eager"
+    impl = _attn_impl(model)
     if impl not in MASKED_ATTENTION:
         return f"attn_implementation {impl!r} takes no 4D attention mask (use one of {', '.join(MASKED_ATTENTION)})"
     window = getattr(config, "sliding_window", None)
@@ -177,18 +216,22 @@ def prefix_layout_unsupported(model, max_length: int | None = None) -> str | Non
 
 def _attention_inputs(model, batch: PairBatch) -> dict:
     """The mask (and position ids) in the form the model's attention implementation takes."""
-    if batch.position_ids is None:
+    if batch.layout == "padded":
         return {"attention_mask": batch.attention_mask}
+    if batch.layout == "packed":
+        inputs = {"position_ids": batch.position_ids}  # and no mask: transformers detects the packed sequences
+        if _attn_impl(model) in FLASH_ATTENTION:  # the varlen kernel's boundaries, so it need not infer them
+            inputs.update(cu_seq_lens_q=batch.cu_seqlens, cu_seq_lens_k=batch.cu_seqlens,
+                          max_length_q=batch.max_seqlen, max_length_k=batch.max_seqlen)
+        return inputs
     mask = batch.attention_mask
-    if mask.dim() == 4:
-        config = _config(model)
-        impl = getattr(config, "_attn_implementation", None) or "eager"
-        if impl == "eager":  # eager adds the mask to the scores: 0 where allowed, the dtype's minimum elsewhere
-            dtype = next(model.parameters()).dtype
-            mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
-        elif impl != "sdpa":  # sdpa takes the boolean mask as is (True = attend)
-            raise ValueError(f"layout 'prefix' needs an attention implementation that takes a 4D mask "
-                             f"({', '.join(MASKED_ATTENTION)}), not {impl!r}: use layout 'padded'")
+    impl = _attn_impl(model)
+    if impl == "eager":  # eager adds the mask to the scores: 0 where allowed, the dtype's minimum elsewhere
+        dtype = next(model.parameters()).dtype
+        mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+    elif impl != "sdpa":  # sdpa takes the boolean mask as is (True = attend)
+        raise ValueError(f"layout 'prefix' needs an attention implementation that takes a 4D mask "
+                         f"({', '.join(MASKED_ATTENTION)}), not {impl!r}: use layout 'packed' or 'padded'")
     return {"attention_mask": mask, "position_ids": batch.position_ids}
 
 
@@ -278,11 +321,14 @@ def _engine_wrapped(model) -> bool:
 
 
 def _plain_head(model) -> torch.nn.Linear | None:
-    """The LM head if logits are exactly hidden @ W^T (no bias, soft-capping or scaling), else None."""
-    if _engine_wrapped(model):
+    """The LM head if logits are exactly hidden @ W^T (no bias, soft-capping or scaling) and its weight can be read
+    directly, else None."""
+    if _engine_wrapped(model):  # wrap the model in PairLogps before the engine instead (train.py does)
         return None
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if not isinstance(head, torch.nn.Linear) or head.bias is not None or not hasattr(model, "get_decoder"):
+        return None
+    if hasattr(head.weight, "ds_id"):  # DeepSpeed ZeRO-3 gathers a partitioned weight only inside its module's call
         return None
     config = getattr(model, "config", None)
     for key in ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale"):
@@ -312,14 +358,51 @@ def completion_logps(model, batch: PairBatch) -> tuple[torch.Tensor, torch.Tenso
     return sums[0::2], sums[1::2]
 
 
+class PairLogps(torch.nn.Module):
+    """The target as the engines should see it: forward(batch) = completion_logps(model, batch).
+
+    DDP, FSDP and DeepSpeed wrap THIS module, so their hooks (gradient all-reduce, parameter gathering) run around
+    our lean path (decoder body + completion-only chunked head) instead of forcing the model's own forward with
+    full [tokens x vocab] logits. Under FSDP the head and embeddings belong to the root unit, which is unsharded for
+    the whole forward; under ZeRO-3 `_plain_head` sees a partitioned weight and takes the model's forward.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    @property
+    def _no_split_modules(self):  # accelerate's FSDP auto-wrap reads the transformer block classes from here
+        return getattr(self.model, "_no_split_modules", None)
+
+    def forward(self, batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        return completion_logps(self.model, batch)
+
+
+def compile_blocks(model: torch.nn.Module) -> int:
+    """Regional torch.compile, in place: every transformer block (the classes in `_no_split_modules`), with dynamic
+    shapes since batch lengths vary. Blocks share one compiled graph, so compile time is about one block's; in-place
+    `Module.compile` keeps parameter names, so checkpoints and engine wrapping are unchanged. Returns the count."""
+    names = set(getattr(model, "_no_split_modules", None) or ())
+    blocks = [m for m in model.modules() if type(m).__name__ in names]
+    if not blocks:  # no block classes declared: compile the decoder body as one region
+        blocks = [model.get_decoder()]
+    for block in blocks:
+        block.compile(dynamic=True)
+    return len(blocks)
+
+
 def resolve_layout(layout: str, model, max_length: int | None = None) -> str:
-    """The layout to use: `prefix` falls back to `padded`, with a warning, where the model cannot take it."""
-    why = prefix_layout_unsupported(model, max_length) if layout == "prefix" else None
+    """The layout to use: where the model cannot take `prefix`, flash attention gets `packed` (its varlen kernel
+    wastes nothing on padding) and everything else `padded` (sdpa / eager would attend densely over a packed row),
+    with a warning."""
+    why = layout_unsupported(model, layout, max_length)
     if why:
         from sdpo_cli.console import warn
 
-        warn(f"train.layout=prefix is not possible here ({why}); using the padded layout")
-        return "padded"
+        fallback = "packed" if _attn_impl(model) in FLASH_ATTENTION else "padded"
+        warn(f"train.layout={layout} is not possible here ({why}); using the {fallback} layout")
+        return fallback
     return layout
 
 
@@ -388,9 +471,10 @@ class LengthGroupedBatchSampler:
 
 
 def pair_length(pair: dict, layout: str = "padded") -> int:
-    """Row length of the pair in `layout`: P + max(C, R) (padded) or P + C + R (prefix)."""
+    """Positions the pair takes in `layout`: P + max(C, R) (padded, per row), P + C + R (prefix), 2P + C + R
+    (packed)."""
     p, c, r = len(pair["prompt_ids"]), len(pair["chosen_ids"]), len(pair["rejected_ids"])
-    return p + c + r if layout == "prefix" else p + max(c, r)
+    return {"prefix": p + c + r, "packed": 2 * p + c + r}.get(layout, p + max(c, r))
 
 
 def pair_lengths(pairs, layout: str = "padded") -> list[int]:

@@ -6,7 +6,9 @@ with every checkpoint so that M_t loads with plain transformers and renders prom
 
 from __future__ import annotations
 
+import logging
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -45,13 +47,30 @@ def _hub_kwargs(cfg: ModelConfig) -> dict:
     return {"revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code}
 
 
-def load_tokenizer(cfg: ModelConfig, path: str | None = None):
-    """The tokenizer of `path` (default: the base model), with pad token and chat template filled in if missing."""
-    from transformers import AutoTokenizer
+_TOKENIZERS: dict = {}  # one load per process: `sdpo run` asks for the base tokenizer in every stage (~0.3 s each)
 
+
+def load_tokenizer(cfg: ModelConfig, path: str | None = None):
+    """The tokenizer of `path` (default: the base model), with pad token and chat template filled in if missing.
+
+    Loaded once per process for the same source and settings (a local folder's tokenizer files are part of the key,
+    so a rewritten folder is read again); callers must not modify the returned tokenizer."""
     source = path or cfg.base
     if path is None:
         check_base(cfg, weights=False)
+    local = Path(source).expanduser()
+    names = TOKENIZER_FILES + ("special_tokens_map.json", "chat_template.jinja")
+    files = tuple(sorted((p.name, p.stat().st_mtime_ns, p.stat().st_size) for p in local.iterdir()
+                         if p.is_file() and p.name in names)) if local.is_dir() else None
+    key = (str(source), cfg.revision, cfg.pad_token, cfg.chat_template, cfg.trust_remote_code, files)
+    if key not in _TOKENIZERS:
+        _TOKENIZERS[key] = _load_tokenizer(cfg, source, path)
+    return _TOKENIZERS[key]
+
+
+def _load_tokenizer(cfg: ModelConfig, source: str, path: str | None):
+    from transformers import AutoTokenizer
+
     try:
         tok = AutoTokenizer.from_pretrained(source, **_hub_kwargs(cfg))
     except (OSError, ValueError) as e:
@@ -130,14 +149,108 @@ def load_model(cfg: ModelConfig, path: str | Path | None = None, *, train: bool 
                             hint="convert to safetensors, or set model.allow_pickle=true if you trust the file")
         raise SdpoError(f"{source}: no model weights (*.safetensors) in this folder",
                         hint="point model.base to a folder saved with save_pretrained")
+    if cfg.quantization:
+        kwargs.update(_quantization_kwargs(cfg, source))
     try:
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as e:
         raise SdpoError(f"{source}: cannot load the model ({_first_line(e)})",
                         hint="model.base must be a hub id or a folder with config.json and weights") from None
+    if cfg.quantization:
+        _prepare_quantized(model)
     model.config.use_cache = False  # never needed here, and the cache defeats packed-sequence masks
     model.train(train)
     return model
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# model.quantization (QLoRA): every role loads the same quantized model. The target of step t is quant(M_{t-1}) plus a
+# fresh zero-initialised adapter, so its reference log-probs (and gamma's, and the curriculum scores) must come from
+# quant(M_{t-1}) too: then target == reference at update 0 (the ln 2 check) and the DPO loss compares one model with
+# itself plus the adapter. This is TRL's choice as well (its QLoRA reference is the quantized model, adapter off).
+# M_t itself is never quantized: the adapter is merged into the full-precision M_{t-1} (sdpo_cli/lora.py).
+
+
+@contextmanager
+def quiet_bitsandbytes():
+    """Around the first import of bitsandbytes (peft imports it too, whenever it is installed): its CPU backend warns
+    on import that an optional `kernels` package is missing, which is noise for every run."""
+    logger = logging.getLogger("bitsandbytes")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+class _DropInt8CastNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("MatMul8bitLt: inputs will be cast")
+
+
+_INT8_CAST_NOTICE = _DropInt8CastNotice()
+
+
+def _quantization_kwargs(cfg: ModelConfig, source: str) -> dict:
+    """from_pretrained arguments for model.quantization: bitsandbytes 4-bit NF4 with double quantization (the QLoRA
+    paper's recipe) or LLM.int8, computing in model.dtype, loaded straight onto this process's device."""
+    from accelerate import PartialState
+
+    try:
+        with quiet_bitsandbytes():
+            import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise ConfigError("model.quantization: the bitsandbytes package is not installed",
+                          hint="pip install 'sdpo[qlora]'  # or set model.quantization=null") from None
+    from transformers import BitsAndBytesConfig
+
+    if cfg.quantization == "4bit":
+        quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                   bnb_4bit_compute_dtype=_compute_dtype(cfg, source))
+    elif cfg.quantization == "8bit":
+        quant = BitsAndBytesConfig(load_in_8bit=True)
+        # LLM.int8 quantizes its inputs from fp16 by design; bitsandbytes logs that on every forward pass
+        logging.getLogger("bitsandbytes.autograd._functions").addFilter(_INT8_CAST_NOTICE)
+    else:
+        raise ConfigError(f"model.quantization: unknown value {cfg.quantization!r}", hint="use 4bit | 8bit | null")
+    # accelerate refuses to train a quantized model that sits on another device than the process's own
+    return {"quantization_config": quant, "device_map": {"": PartialState().device}}
+
+
+def _compute_dtype(cfg: ModelConfig, source: str) -> torch.dtype:
+    if cfg.dtype != "auto":
+        return DTYPES[cfg.dtype]
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(source, **_hub_kwargs(cfg))
+    except (OSError, ValueError):
+        return torch.float32  # from_pretrained will say what is wrong with the source
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(dtype, str):
+        dtype = DTYPES.get(dtype)
+    return dtype if isinstance(dtype, torch.dtype) else torch.float32
+
+
+def _prepare_quantized(model) -> None:
+    """What peft's prepare_model_for_kbit_training does to a quantized model, for every role alike: the parameters
+    left unquantized (embeddings, norms, LM head) go to fp32 and everything is frozen. Doing it for the target only
+    would make the target differ from the reference at update 0 whenever model.dtype is
+    16-bit. Gradient checkpointing stays train.gradient_checkpointing's business."""
+    try:
+        from peft import prepare_model_for_kbit_training
+    except ImportError:
+        raise ConfigError("model.quantization: the peft package is not installed (QLoRA trains a LoRA adapter)",
+                          hint="pip install 'sdpo[qlora]'  # or set model.quantization=null") from None
+    prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    for module in model.modules():
+        # bitsandbytes (0.50.2) on CPUs with AVX512-BF16: the first no-grad eval forward repacks 4-bit weights for a
+        # faster inference kernel that rounds the block scales to bf16. reflogp (inference) and train (autograd)
+        # would then score the same model differently, breaking the ln 2 check; the repacking also fails for layers
+        # narrower than one quantization block (64). Keep one kernel for both.
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def disable_dropout(model: torch.nn.Module) -> None:

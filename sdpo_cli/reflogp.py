@@ -58,13 +58,14 @@ def run_reflogp(cfg: SdpoConfig, step: int, force: bool = False) -> Path:
                  + (f", shared by {accelerator.num_processes} processes" if accelerator.num_processes > 1 else ""))
     model = load_model(cfg.model, reference).to(accelerator.device)
     disable_dropout(model)
+    layout = resolve_layout(cfg.train.layout, model, cfg.data.max_length)  # train's, so update 0 matches exactly
     with console.progress() as bar:
         chosen, rejected = score_pairs_sharded(accelerator, model, pairs, tok.pad_token_id,
-                                               cfg.inference.batch_size, bar, f"reflogp step {step}",
-                                               resolve_layout(cfg.train.layout, model, cfg.data.max_length))
+                                               cfg.inference.batch_size, bar, f"reflogp step {step}", layout)
     gammas = [c - r for c, r in zip(chosen, rejected)]
     meta = {"stage": "reflogp", "step": step, "started": started, "fingerprint": fp, "reference": reference,
             "reference_identity": model_identity(reference), "data": run.rel(data_path), "rows": len(gammas),
+            "layout": layout,
             "gamma_ref_mean": statistics.fmean(gammas)}
     if accelerator.is_main_process:
         table = datasets.Dataset.from_dict({

@@ -27,7 +27,15 @@ from sdpo_cli.config import SdpoConfig, num_steps, section
 from sdpo_cli.distributed import make_accelerator
 from sdpo_cli.errors import ArtifactError, ConfigError, SdpoError
 from sdpo_cli.fingerprints import reflogp_fp, require_data, train_fp
-from sdpo_cli.logprobs import LengthGroupedBatchSampler, collate_pairs, completion_logps, pair_length, resolve_layout
+from sdpo_cli.logprobs import (
+    LengthGroupedBatchSampler,
+    PairLogps,
+    collate_pairs,
+    compile_blocks,
+    pair_length,
+    resolve_layout,
+)
+from sdpo_cli.lora import merged_model, with_lora
 from sdpo_cli.loss import dpo_losses, loss_at_equal_models
 from sdpo_cli.models import disable_dropout, load_model, load_tokenizer, reference_model, target_init_model
 from sdpo_cli.rundir import RunDir, check_not_stale, disk_full, disk_full_error, read_meta, writing
@@ -87,38 +95,45 @@ def run_train(cfg: SdpoConfig, step: int, force: bool = False) -> Path:
     if tr.disable_dropout:
         disable_dropout(model)
     if cfg.peft.enabled:
-        model = _with_lora(model, cfg.peft)
+        model = with_lora(model, cfg.peft, cfg.model.quantization)  # QLoRA: load_model quantized M_{t-1}
     if tr.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if cfg.peft.enabled:
             model.enable_input_require_grads()  # frozen embeddings: checkpointed blocks still need grad inputs
     layout = resolve_layout(tr.layout, model, cfg.data.max_length)
+    if tr.compile:
+        console.info(f"train step {step}: torch.compile of {compile_blocks(model)} transformer blocks (the first "
+                     "updates of each new shape compile)")
 
-    def collate(batch: list[dict]):
-        b = collate_pairs(batch, tok.pad_token_id, layout)
-        ref = torch.tensor([[x["ref_chosen"], x["ref_rejected"]] for x in batch], dtype=torch.float32)
-        return b, ref
+    def collate(batch: list[tuple[dict, bool]]):
+        b = collate_pairs([row for row, _ in batch], tok.pad_token_id, layout)
+        ref = torch.tensor([[x["ref_chosen"], x["ref_rejected"]] for x, _ in batch], dtype=torch.float32)
+        weight = torch.tensor([float(real) for _, real in batch])
+        return b, ref, weight
 
     lengths = [pair_length(r, layout) for r in rows]
-    global_batch = tr.per_device_batch_size * accelerator.num_processes
+    world = accelerator.num_processes
+    global_batch = tr.per_device_batch_size * world
     order = (LengthGroupedBatchSampler(lengths, global_batch, seed=cfg.seed + step)
              if tr.group_by_length and tr.shuffle else
              EpochBatches(lengths, global_batch, seed=cfg.seed + step, shuffle=tr.shuffle))
-    loader = torch.utils.data.DataLoader(rows, batch_sampler=order, collate_fn=collate)
+    order = FullBatches(order, len(rows)) if world > 1 else order
+    loader = torch.utils.data.DataLoader(WeightedPairs(rows), batch_sampler=order, collate_fn=collate)
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": tr.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=tr.learning_rate,
-                                  betas=(tr.adam_beta1, tr.adam_beta2), eps=tr.adam_epsilon)
+                                  betas=(tr.adam_beta1, tr.adam_beta2), eps=tr.adam_epsilon,
+                                  fused=_fused_adam(accelerator, model))
     _check_engine(accelerator, cfg)
-    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    # the engines (DDP / FSDP / DeepSpeed) wrap PairLogps, so their hooks run around our lean log-prob path
+    policy, optimizer, loader = accelerator.prepare(PairLogps(model), optimizer, loader)
 
     updates_per_epoch = math.ceil(len(loader) / tr.gradient_accumulation)
     total = tr.max_updates or max(1, math.ceil(tr.epochs * updates_per_epoch))
     scheduler = get_scheduler(tr.lr_schedule, optimizer, num_warmup_steps=math.ceil(tr.warmup_ratio * total),
                               num_training_steps=total)
     accelerator.register_for_checkpointing(scheduler)
-    world = accelerator.num_processes
     console.info(f"train step {step}: target from {init}, π_ref = {reference}; {len(rows)} pairs, "
                  f"{total} updates of {tr.per_device_batch_size}×{tr.gradient_accumulation}×{world} = "
                  f"{tr.per_device_batch_size * tr.gradient_accumulation * world} pairs, lr {tr.learning_rate:g}")
@@ -141,7 +156,7 @@ def run_train(cfg: SdpoConfig, step: int, force: bool = False) -> Path:
     expected0 = loss_at_equal_models(cfg.dpo.loss, cfg.dpo.beta, cfg.dpo.label_smoothing)
     check_ln2 = reference == init  # target == reference at update 0 only when both start from the same model
     t_last = time.time()
-    model.train()
+    policy.train()
     # only rank 0 writes the log (the metrics are already reduced over ranks)
     log_target = log_path if accelerator.is_main_process else os.devnull
     with console.progress() as bar, _StopSignals() as stop, open(log_target, "w") as log_file:
@@ -153,33 +168,40 @@ def run_train(cfg: SdpoConfig, step: int, force: bool = False) -> Path:
             batches = accelerator.skip_first_batches(loader, skip) if skip else loader
             done_in_epoch = skip
             skip = 0
-            for batch, ref in batches:
+            for batch, ref, weight in batches:
                 done_in_epoch += 1
-                with accelerator.accumulate(model):
-                    policy_c, policy_r = completion_logps(model, batch)
+                with accelerator.accumulate(policy):
+                    policy_c, policy_r = policy(batch)
                     ref_c, ref_r = ref[:, 0], ref[:, 1]
                     losses = dpo_losses(policy_c, policy_r, ref_c, ref_r, beta=cfg.dpo.beta, loss=cfg.dpo.loss,
                                         label_smoothing=cfg.dpo.label_smoothing,
                                         chosen_tokens=batch.chosen_tokens, rejected_tokens=batch.rejected_tokens)
-                    loss = dpo_loss = losses.mean()
+                    # the mean over the real pairs of the GLOBAL micro-batch (and, for the NLL term, over its chosen
+                    # tokens): each rank's share is scaled by world / global count, and DDP / FSDP / DeepSpeed
+                    # average gradients over ranks, so N processes train exactly as one with an N-times batch
+                    counts = torch.stack([weight.sum(), (weight * batch.chosen_tokens).sum()])
+                    if world > 1:
+                        counts = accelerator.reduce(counts, reduction="sum")
+                    loss = (weight * losses).sum() * (world / counts[0])
                     if cfg.dpo.nll_weight:
                         # RPO / TRL's "sft" term: mean NLL per chosen completion token of the batch
-                        loss = loss + cfg.dpo.nll_weight * (-policy_c.sum() / batch.chosen_tokens.sum())
+                        loss = loss + cfg.dpo.nll_weight * (-(weight * policy_c).sum() * (world / counts[1]))
                     accelerator.backward(loss)
                     grad_norm = None
                     if accelerator.sync_gradients:
-                        grad_norm = _clip(accelerator, model, tr.max_grad_norm)
+                        grad_norm = _clip(accelerator, policy, tr.max_grad_norm)
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
-                _accumulate(sums, cfg.dpo.beta, dpo_loss.detach(), loss.detach(), policy_c.detach(),
-                            policy_r.detach(), ref_c, ref_r, batch)
+                _accumulate(sums, cfg.dpo.beta, losses.detach(), policy_c.detach(), policy_r.detach(), ref_c, ref_r,
+                            batch, weight)
                 if not accelerator.sync_gradients:
                     continue
                 lr = scheduler.get_last_lr()[0]
                 scheduler.step()
                 if update == 0 or (update + 1) % tr.logging_every == 0 or update + 1 == total:
                     now = time.time()
-                    record = _record(accelerator, sums, step, update, epoch, lr, grad_norm, now - t_last)
+                    record = _record(accelerator, sums, cfg.dpo.nll_weight, step, update, epoch, lr, grad_norm,
+                                     now - t_last)
                     t_last, sums = now, _zero_sums(accelerator.device)
                     if update == 0:
                         _check_first_update(record, expected0, check_ln2, cfg.dpo.loss, step)
@@ -211,20 +233,21 @@ def run_train(cfg: SdpoConfig, step: int, force: bool = False) -> Path:
     accelerator.wait_for_everyone()
     if tr.report_to:
         accelerator.end_training()
-    state_dict = None if cfg.peft.enabled else accelerator.get_state_dict(model)
+    state_dict = None if cfg.peft.enabled else _target_state_dict(accelerator, policy)
     if accelerator.is_main_process:
-        unwrapped = accelerator.unwrap_model(model)
+        unwrapped = accelerator.unwrap_model(policy).model
         unwrapped.config.use_cache = True if use_cache is False else use_cache  # for users who generate with M_t
         meta = {"stage": "train", "step": step, "started": started, "fingerprint": fp, "target_init": init,
-                "reference": reference,
-                "data": run.rel(data_path), "pairs": len(rows), "updates": total, "epochs": epoch,
-                "world_size": world, "first": records[0], "last": records[-1], "log": run.rel(log_path)}
+                "reference": reference, "data": run.rel(data_path), "pairs": len(rows), "updates": total,
+                "epochs": epoch, "world_size": world, "layout": layout, "compiled": bool(tr.compile),
+                "first": records[0], "last": records[-1], "log": run.rel(log_path)}
         with writing(out, meta) as tmp:
             if cfg.peft.enabled:
                 # sDPO with LoRA: M_t = M_{t-1} + this step's adapter, merged, so that M_t is a plain model and
                 # serves exactly as the next step's reference and starting point. The adapter is kept beside it.
+                # QLoRA: merged into the full-precision M_{t-1}, not the quantized one (sdpo_cli/lora.py).
                 unwrapped.save_pretrained(str(tmp / "adapter"))
-                unwrapped = unwrapped.merge_and_unload()
+                unwrapped = merged_model(cfg.model, unwrapped, init, tmp / "adapter")
             unwrapped.save_pretrained(str(tmp), state_dict=state_dict)
             tok.save_pretrained(str(tmp))
             if tr.save_optimizer:
@@ -233,6 +256,26 @@ def run_train(cfg: SdpoConfig, step: int, force: bool = False) -> Path:
         shutil.rmtree(state_dir, ignore_errors=True)  # M_t is complete: the resume state has served
     accelerator.wait_for_everyone()
     return out
+
+
+def _fused_adam(accelerator, model) -> bool | None:
+    """torch's fused AdamW (one kernel for all parameters, as TRL's default `adamw_torch_fused`) where the parameters
+    are plain tensors on CPU or CUDA; under FSDP / DeepSpeed, torch's default (the engines reshape parameters)."""
+    from accelerate.utils import DistributedType
+
+    plain = accelerator.distributed_type in (DistributedType.NO, DistributedType.MULTI_GPU, DistributedType.MULTI_CPU)
+    devices = {p.device.type for p in model.parameters() if p.requires_grad}
+    floats = {p.dtype for p in model.parameters() if p.requires_grad} <= {torch.float32, torch.bfloat16, torch.float16}
+    return True if plain and floats and devices <= {"cpu", "cuda"} else None
+
+
+def _target_state_dict(accelerator, policy) -> dict | None:
+    """The target's full state dict (gathered from FSDP / ZeRO-3 shards by accelerate), named as the HF model names it
+    (without PairLogps' `model.` prefix)."""
+    state = accelerator.get_state_dict(policy)
+    if state is None:  # non-main ranks under some engines
+        return None
+    return {k.removeprefix("model."): v for k, v in state.items()}
 
 
 def _clip(accelerator, model, max_norm: float | None) -> torch.Tensor:
@@ -245,41 +288,39 @@ def _clip(accelerator, model, max_norm: float | None) -> torch.Tensor:
 
 def _zero_sums(device) -> dict:
     # Device-side accumulators: one host sync per logged update, not per micro-batch.
-    return {k: torch.zeros((), dtype=torch.float64, device=device) for k in (*METRICS, "pairs", "batches", "tokens")}
+    keys = (*METRICS[1:], "nll", "chosen_tokens", "pairs", "tokens")
+    return {k: torch.zeros((), dtype=torch.float64, device=device) for k in keys}
 
 
-def _accumulate(sums: dict, beta: float, dpo_loss, loss, pc, pr, rc, rr, batch) -> None:
-    rc, rr = rc.to(pc.device), rr.to(pc.device)
+def _accumulate(sums: dict, beta: float, losses, pc, pr, rc, rr, batch, weight) -> None:
+    """Sums over the real pairs of a micro-batch (weight 1; FullBatches' padding copies have weight 0)."""
+    rc, rr, w = rc.to(pc.device), rr.to(pc.device), weight.to(pc.device).double()
     chosen_reward, rejected_reward = beta * (pc - rc), beta * (pr - rr)
-    sums["loss"] += loss.double()
-    sums["loss/dpo"] += dpo_loss.double()
-    sums["batches"] += 1
-    sums["rewards/chosen"] += chosen_reward.sum().double()
-    sums["rewards/rejected"] += rejected_reward.sum().double()
-    sums["rewards/margins"] += (chosen_reward - rejected_reward).sum().double()
-    sums["rewards/accuracies"] += (chosen_reward > rejected_reward).sum().double()  # strict, as TRL
-    sums["logps/chosen"] += pc.sum().double()
-    sums["logps/rejected"] += pr.sum().double()
-    sums["gamma/policy"] += (pc - pr).sum().double()
-    sums["gamma/ref"] += (rc - rr).sum().double()
-    sums["pairs"] += pc.shape[0]
-    sums["tokens"] += (batch.chosen_tokens.sum() + batch.rejected_tokens.sum()).double()
+    for key, values in (("loss/dpo", losses), ("nll", -pc), ("chosen_tokens", batch.chosen_tokens),
+                        ("rewards/chosen", chosen_reward), ("rewards/rejected", rejected_reward),
+                        ("rewards/margins", chosen_reward - rejected_reward),
+                        ("rewards/accuracies", chosen_reward > rejected_reward),  # strict, as TRL
+                        ("logps/chosen", pc), ("logps/rejected", pr), ("gamma/policy", pc - pr),
+                        ("gamma/ref", rc - rr), ("pairs", torch.ones_like(pc)),
+                        ("tokens", batch.chosen_tokens + batch.rejected_tokens)):
+        sums[key] += (w * values.double()).sum()
 
 
-def _record(accelerator, sums: dict, step: int, update: int, epoch: int, lr: float, grad_norm, seconds: float) -> dict:
+def _record(accelerator, sums: dict, nll_weight: float, step: int, update: int, epoch: int, lr: float, grad_norm,
+            seconds: float) -> dict:
     stacked = accelerator.reduce(torch.stack([sums[k] for k in sums]), reduction="sum")
     totals = dict(zip(sums, stacked.tolist()))
-    pairs, batches = max(totals["pairs"], 1.0), max(totals["batches"], 1.0)
+    pairs = max(totals["pairs"], 1.0)
     record = {"step": step, "update": update, "epoch": epoch}
-    record["loss"] = totals["loss"] / batches
-    record["loss/dpo"] = totals["loss/dpo"] / batches  # without the NLL term
-    for key in METRICS[2:]:
+    for key in METRICS[1:]:  # means per pair over the updates since the last record
         record[key] = totals[key] / pairs
+    # the objective: the DPO loss (the ln 2 check reads loss/dpo) plus the NLL term per chosen token
+    record["loss"] = record["loss/dpo"] + nll_weight * totals["nll"] / max(totals["chosen_tokens"], 1.0)
     record["lr"] = lr
     record["grad_norm"] = float(grad_norm) if grad_norm is not None else None
     record["tokens/s"] = totals["tokens"] / max(seconds, 1e-9)
     record["pairs"] = int(totals["pairs"])
-    return record
+    return {k: record[k] for k in ("step", "update", "epoch", *METRICS, "lr", "grad_norm", "tokens/s", "pairs")}
 
 
 def _check_first_update(record: dict, expected: float, applies: bool, loss: str, step: int) -> None:
@@ -305,6 +346,38 @@ class Interrupted(SdpoError):
     """Training stopped on SIGINT/SIGTERM at an update boundary, after saving its state."""
 
     exit_code = 130
+
+
+class WeightedPairs(torch.utils.data.Dataset):
+    """The step's rows; index n + i is a weight-0 copy of row i (FullBatches' padding): (row, is_real)."""
+
+    def __init__(self, rows: list[dict]):
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, k: int) -> tuple[dict, bool]:
+        return self.rows[k % len(self.rows)], k < len(self.rows)
+
+
+class FullBatches:
+    """Under several processes, every global batch is made full-size: the short last batch of an epoch is topped up
+    with weight-0 copies of its own pairs (index n + i). accelerate then splits every batch evenly and never pads on
+    its own (it would repeat pairs from the start of the data, which would then be trained on twice)."""
+
+    def __init__(self, sampler, n_rows: int):
+        self.sampler, self.n_rows, self.batch_size = sampler, n_rows, sampler.batch_size
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+
+    def __iter__(self):
+        for batch in self.sampler:
+            yield batch + [self.n_rows + batch[j % len(batch)] for j in range(self.batch_size - len(batch))]
+
+    def __len__(self) -> int:
+        return len(self.sampler)
 
 
 class EpochBatches(LengthGroupedBatchSampler):
@@ -405,21 +478,6 @@ def _read_records(path: Path) -> list[dict]:
     if not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def _with_lora(model, lora):
-    """Wrap the target in a fresh LoRA adapter (peft). B starts at zero, so update 0 still sees target == M_{t-1}."""
-    try:
-        from peft import LoraConfig, get_peft_model
-    except ImportError:
-        raise ConfigError("peft.enabled: the peft package is not installed",
-                          hint="pip install 'sdpo[lora]'  # or set peft.enabled=false") from None
-    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, task_type="CAUSAL_LM",
-                        target_modules=list(lora.target_modules) if lora.target_modules else None)
-    model = get_peft_model(model, config)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    console.info(f"LoRA r={lora.r} alpha={lora.alpha}: {trainable:,} trainable parameters")
-    return model
 
 
 def _check_engine(accelerator, cfg: SdpoConfig) -> None:

@@ -510,3 +510,19 @@ def test_real_ultrafeedback_fixture(shared_fixtures):
         assert pair["chosen"] == row["chosen"][1]["content"]  # the assistant reply
         assert pair["rejected"] == row["rejected"][1]["content"]
         assert pair["template"] == "chat"
+
+
+def test_tokenizer_is_loaded_once_per_process_until_its_files_change(tiny_model_dir, tmp_path):
+    import shutil
+
+    from sdpo_cli.config import ModelConfig
+    from sdpo_cli.models import load_tokenizer
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, folder)
+    cfg = ModelConfig(base=str(folder))
+    first = load_tokenizer(cfg)
+    assert load_tokenizer(cfg) is first
+    assert load_tokenizer(ModelConfig(base=str(folder), chat_template="chatml")) is not first  # other settings
+    first.save_pretrained(str(folder))  # rewritten files: read again
+    assert load_tokenizer(cfg) is not first

@@ -17,12 +17,13 @@ ACCELERATE = shutil.which("accelerate", path=str(Path(sys.executable).parent)) o
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(ACCELERATE is None, reason="accelerate CLI not found")]
 
 
-def launch(*args: str, cpu: bool = True, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+def launch(*args: str, cpu: bool = True, cwd: Path = ROOT, engine: str = "ddp") -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in ("SDPO_DEBUG", "ACCELERATE_USE_CPU")}
     env.update({"HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1", "OMP_NUM_THREADS": "1"})
     if cpu:
         env["ACCELERATE_USE_CPU"] = "1"
-    cmd = [ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+    how = ["--multi_gpu"] if engine == "ddp" else ["--config_file", str(ROOT / "configs" / "accelerate" / "fsdp.yaml")]
+    cmd = [ACCELERATE, "launch", *how, "--num_processes", "2", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "sdpo_cli", *args]
     return subprocess.run(cmd, capture_output=True, text=True, cwd=str(cwd), env=env, timeout=900)
 
@@ -31,15 +32,18 @@ def read_log(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def test_two_processes_equal_one_process_with_twice_the_batch(tiny_config, tmp_path):
-    # inference batch 3 over 16 pairs: 6 batches, the last one short, shared unevenly between the 2 ranks
+@pytest.mark.parametrize("engine", ["ddp", "fsdp"])
+def test_two_processes_equal_one_process_with_twice_the_batch(tiny_config, tmp_path, engine):
+    """DDP, and FSDP2 through the shipped configs/accelerate/fsdp.yaml. 16 pairs in global batches of 6: the last
+    batch of each epoch holds 4 pairs, 3 on one rank and 1 (+ 2 weight-0 copies) on the other, and must still train
+    exactly as one process's batch of 4. Inference batch 3: 6 batches, shared unevenly between the 2 ranks."""
     config, _ = tiny_config(**{"inference.batch_size": 3})
-    single, ddp = tmp_path / "single", tmp_path / "ddp"
-    one = run_cli("run", str(config), f"run_dir={single}", "train.per_device_batch_size=4")
+    single, ddp = tmp_path / "single", tmp_path / engine
+    one = run_cli("run", str(config), f"run_dir={single}", "train.per_device_batch_size=6")
     assert one.returncode == 0, one.stderr
-    two = launch("run", str(config), f"run_dir={ddp}", "train.per_device_batch_size=2")
+    two = launch("run", str(config), f"run_dir={ddp}", "train.per_device_batch_size=3", engine=engine)
     assert two.returncode == 0, two.stderr + two.stdout
-    assert "2×1×2 = 4 pairs" in two.stderr  # effective batch from the world size, printed at start
+    assert "3×1×2 = 6 pairs" in two.stderr  # effective batch from the world size, printed at start
 
     for t in (1, 2):
         meta = json.loads((ddp / "checkpoints" / f"step-{t}" / "meta.json").read_text())

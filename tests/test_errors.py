@@ -517,6 +517,7 @@ def test_pickle_weights_and_remote_code_are_off_unless_allowed(tmp_path, tiny_mo
             return _original(klass, source, *args, **kwargs)
 
         monkeypatch.setattr(cls, "from_pretrained", classmethod(spy))
+    monkeypatch.setattr("sdpo_cli.models._TOKENIZERS", {})  # no tokenizer loaded earlier in this process
     load_tokenizer(ModelConfig(base=str(tiny_model_dir)))
     load_model(ModelConfig(base=str(tiny_model_dir)))
     assert seen["AutoTokenizer"]["trust_remote_code"] is False

@@ -1,7 +1,8 @@
 """Batch layouts of the shared log-prob path: the prefix-shared layout (one row per pair, prompt + chosen + rejected
-under a 4D mask) gives the padded layout's per-pair log-probs and gradients, on the tiny test model and on the real
-pretrained stories260K, with sdpa and eager attention; and the length-grouped training order is deterministic and
-covers every pair exactly once."""
+under a 4D mask) and the packed layout (one padding-free row, position ids restarting per sequence) give the padded
+layout's per-pair log-probs and gradients, on the tiny test model and on the real pretrained stories260K, with sdpa
+and eager attention; so do the engine wrapper PairLogps and regional torch.compile; and the length-grouped training
+order is deterministic and covers every pair exactly once."""
 
 from __future__ import annotations
 
@@ -14,9 +15,9 @@ from sdpo_cli.logprobs import (
     LengthGroupedBatchSampler,
     collate_pairs,
     completion_logps,
+    layout_unsupported,
     length_grouped_batches,
     pair_lengths,
-    prefix_layout_unsupported,
     score_pairs,
 )
 
@@ -78,37 +79,57 @@ def test_prefix_collate_layout():
 
 def test_unknown_layout_is_an_error():
     with pytest.raises(ValueError, match="unknown layout"):
-        collate_pairs([{"prompt_ids": [1], "chosen_ids": [2], "rejected_ids": [3]}], pad_id=0, layout="packed")
+        collate_pairs([{"prompt_ids": [1], "chosen_ids": [2], "rejected_ids": [3]}], pad_id=0, layout="ragged")
 
 
-def test_prefix_equals_padded_forward(model):
+def test_packed_collate_layout():
+    pairs = [{"prompt_ids": [1, 5, 6], "chosen_ids": [7, 8], "rejected_ids": [9]},
+             {"prompt_ids": [1, 5], "chosen_ids": [10, 11, 12], "rejected_ids": [13, 14]}]
+    b = collate_pairs(pairs, pad_id=0, layout="packed")
+    assert b.layout == "packed" and b.attention_mask is None
+    # chosen_1, chosen_2, rejected_1, rejected_2 back to back, no padding, positions restarting at 0
+    assert b.input_ids.tolist() == [[1, 5, 6, 7, 8, 1, 5, 10, 11, 12, 1, 5, 6, 9, 1, 5, 13, 14]]
+    assert b.position_ids.tolist() == [[0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 0, 1, 2, 3, 0, 1, 2, 3]]
+    assert b.cu_seqlens.tolist() == [0, 5, 10, 14, 18] and b.cu_seqlens.dtype == torch.int32 and b.max_seqlen == 5
+    assert b.score_index.tolist() == [2, 3, 6, 7, 8, 12, 15, 16]
+    assert b.targets.tolist() == [7, 8, 10, 11, 12, 9, 13, 14]
+    assert b.segment.tolist() == [0, 0, 2, 2, 2, 1, 3, 3]
+    assert pair_lengths(pairs, "packed") == [9, 9] and b.input_ids.shape[1] == sum(pair_lengths(pairs, "packed"))
+    moved = b.to("cpu")
+    assert moved.layout == "packed" and moved.max_seqlen == 5 and torch.equal(moved.cu_seqlens, b.cu_seqlens)
+
+
+@pytest.mark.parametrize("layout", ["prefix", "packed"])
+def test_layout_equals_padded_forward(model, layout):
     pairs = random_pairs(model.config.vocab_size, 7, seed=1)
     with torch.no_grad():
         padded = completion_logps(model, collate_pairs(pairs, pad_id=0))
-        prefix = completion_logps(model, collate_pairs(pairs, pad_id=0, layout="prefix"))
-        other_pad = completion_logps(model, collate_pairs(pairs, pad_id=3, layout="prefix"))
+        prefix = completion_logps(model, collate_pairs(pairs, pad_id=0, layout=layout))
+        other_pad = completion_logps(model, collate_pairs(pairs, pad_id=3, layout=layout))
     for j in range(2):
         for i in range(len(pairs)):
             assert prefix[j][i].item() == pytest.approx(padded[j][i].item(), abs=1e-5, rel=1e-6)
             assert other_pad[j][i].item() == pytest.approx(prefix[j][i].item(), abs=1e-5, rel=1e-6)
 
 
-def test_prefix_invariant_to_batch_composition(model):
+@pytest.mark.parametrize("layout", ["prefix", "packed"])
+def test_layout_invariant_to_batch_composition(model, layout):
     pairs = random_pairs(model.config.vocab_size, 5, seed=4)
     with torch.no_grad():
-        together = completion_logps(model, collate_pairs(pairs, pad_id=0, layout="prefix"))
+        together = completion_logps(model, collate_pairs(pairs, pad_id=0, layout=layout))
         for i, pair in enumerate(pairs):
-            alone = completion_logps(model, collate_pairs([pair], pad_id=0, layout="prefix"))
+            alone = completion_logps(model, collate_pairs([pair], pad_id=0, layout=layout))
             for j in range(2):
                 assert alone[j][0].item() == pytest.approx(together[j][i].item(), abs=1e-5, rel=1e-6)
 
 
-def test_prefix_equals_padded_gradients(model):
+@pytest.mark.parametrize("layout", ["prefix", "packed"])
+def test_layout_equals_padded_gradients(model, layout):
     pairs = random_pairs(model.config.vocab_size, 4, seed=2)
     params = [p for p in model.parameters() if p.requires_grad]
     grads = []
-    for layout in ("padded", "prefix"):
-        chosen, rejected = completion_logps(model, collate_pairs(pairs, pad_id=0, layout=layout))
+    for each in ("padded", layout):
+        chosen, rejected = completion_logps(model, collate_pairs(pairs, pad_id=0, layout=each))
         # a DPO-like objective: chosen and rejected weighted differently, so a mixed-up segment would show
         loss = -torch.nn.functional.logsigmoid(0.1 * (1.3 * chosen - rejected)).sum()
         grads.append(torch.autograd.grad(loss, params))
@@ -117,10 +138,11 @@ def test_prefix_equals_padded_gradients(model):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-5 * max(1.0, a.abs().max().item()))
 
 
-def test_score_pairs_same_numbers_in_either_layout(model):
+@pytest.mark.parametrize("layout", ["prefix", "packed"])
+def test_score_pairs_same_numbers_in_every_layout(model, layout):
     pairs = random_pairs(model.config.vocab_size, 9, seed=3)
     padded = score_pairs(model, pairs, pad_id=0, batch_size=4, device="cpu")
-    prefix = score_pairs(model, pairs, pad_id=0, batch_size=4, device="cpu", layout="prefix")
+    prefix = score_pairs(model, pairs, pad_id=0, batch_size=4, device="cpu", layout=layout)
     for j in range(2):
         for a, b in zip(padded[j], prefix[j]):
             assert b == pytest.approx(a, abs=1e-5, rel=1e-6)
@@ -141,18 +163,18 @@ def test_score_pairs_reads_a_dataset_in_prefix_layout(tiny_model_dir):
 
 def test_unsupported_attention_is_refused(tiny_model_dir):
     model = load(tiny_model_dir)
-    assert prefix_layout_unsupported(model) is None
-    assert prefix_layout_unsupported(model.config) is None
+    assert layout_unsupported(model, "prefix") is None
+    assert layout_unsupported(model.config, "prefix") is None
     model.config._attn_implementation = "flash_attention_2"
-    assert "flash_attention_2" in prefix_layout_unsupported(model)
-    assert "flash_attention_2" in prefix_layout_unsupported(model.config)
+    assert "flash_attention_2" in layout_unsupported(model, "prefix")
+    assert "flash_attention_2" in layout_unsupported(model.config, "prefix")
     batch = collate_pairs(random_pairs(model.config.vocab_size, 2), pad_id=0, layout="prefix")
-    with pytest.raises(ValueError, match="layout 'padded'"):
+    with pytest.raises(ValueError, match="use layout 'packed' or 'padded'"):
         completion_logps(model, batch)
     model.config._attn_implementation = "sdpa"
     model.config.sliding_window = 64
-    assert "sliding" in prefix_layout_unsupported(model, max_length=128)
-    assert prefix_layout_unsupported(model, max_length=64) is None
+    assert "sliding" in layout_unsupported(model, "prefix", max_length=128)
+    assert layout_unsupported(model, "prefix", max_length=64) is None
 
 
 def _grouped_check(lengths, batch_size, seed, mega=None):
@@ -263,3 +285,108 @@ def test_fused_head_under_bf16_autocast():
 def test_empty_prompt_is_refused(layout):
     with pytest.raises(ValueError, match="empty prompt"):
         collate_pairs([{"prompt_ids": [], "chosen_ids": [2], "rejected_ids": [3]}], pad_id=0, layout=layout)
+
+
+def test_resolve_layout_falls_back_by_attention(tiny_model_dir):
+    from sdpo_cli.logprobs import _attention_inputs, resolve_layout
+
+    model = load(tiny_model_dir)
+    assert resolve_layout("prefix", model) == "prefix"
+    assert resolve_layout("packed", model) == "packed"
+    model.config._attn_implementation = "flash_attention_2"
+    assert resolve_layout("prefix", model) == "packed"  # flash: its varlen kernel, no padding
+    assert resolve_layout("padded", model) == "padded"
+    # the varlen kernel gets the sequence boundaries from us instead of inferring them from position ids
+    batch = collate_pairs(random_pairs(model.config.vocab_size, 3), pad_id=0, layout="packed")
+    inputs = _attention_inputs(model, batch)
+    assert "attention_mask" not in inputs and inputs["position_ids"] is batch.position_ids
+    assert inputs["cu_seq_lens_q"] is batch.cu_seqlens and inputs["max_length_k"] == batch.max_seqlen
+    model.config._attn_implementation = "sdpa"
+    assert set(_attention_inputs(model, batch)) == {"position_ids"}  # sdpa: transformers builds the block mask
+    model.config.sliding_window = 8
+    assert resolve_layout("prefix", model, max_length=128) == "padded"  # a dense packed row would cost more
+
+
+def _head_calls(model) -> list:
+    calls = []
+    model.get_output_embeddings().register_forward_hook(lambda *_: calls.append(1))
+    return calls
+
+
+def test_pair_logps_under_ddp_keeps_the_lean_path(tiny_model_dir, tmp_path):
+    """DDP wraps PairLogps, not the model: same log-probs and gradients as the plain call, and the LM head module is
+    never called (the completion-only chunked head ran instead of full logits)."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from sdpo_cli.logprobs import PairLogps
+
+    model = load(tiny_model_dir)
+    pairs = random_pairs(model.config.vocab_size, 4, seed=6)
+    batch = collate_pairs(pairs, pad_id=0, layout="prefix")
+    chosen, rejected = completion_logps(model, batch)
+    (chosen.sum() - 2 * rejected.sum()).backward()
+    expected = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        calls = _head_calls(model)
+        wrapped = DistributedDataParallel(PairLogps(model))
+        c, r = wrapped(batch)
+        (c.sum() - 2 * r.sum()).backward()
+        assert calls == []
+        assert torch.allclose(c, chosen) and torch.allclose(r, rejected)
+        for n, p in model.named_parameters():
+            assert torch.allclose(p.grad, expected[n], rtol=1e-5, atol=1e-6), n
+        # wrapping the model itself would force its own forward (full logits): the fallback still gives the numbers
+        direct = DistributedDataParallel(model)
+        c2, _ = completion_logps(direct, batch)
+        assert calls and torch.allclose(c2, chosen, atol=1e-5)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_compiled_blocks_give_the_same_log_probs_and_gradients(tiny_model_dir):
+    from torch._dynamo.utils import counters
+
+    from sdpo_cli.logprobs import compile_blocks
+
+    graphs_before = counters["stats"]["unique_graphs"]
+    eager, compiled = load(tiny_model_dir), load(tiny_model_dir)
+    assert compile_blocks(compiled) == compiled.config.num_hidden_layers
+    assert list(compiled.state_dict()) == list(eager.state_dict())  # in place: checkpoints keep their names
+    for seed, layout in ((7, "prefix"), (8, "prefix"), (9, "packed")):  # new lengths: dynamic shapes, no crash
+        batch = collate_pairs(random_pairs(eager.config.vocab_size, 3 + seed % 2, seed=seed), pad_id=0, layout=layout)
+        out = []
+        for model in (eager, compiled):
+            model.zero_grad(set_to_none=True)
+            c, r = completion_logps(model, batch)
+            (c.sum() - 2 * r.sum()).backward()
+            out.append((c.detach(), r.detach(), [p.grad for p in model.parameters()]))
+        (c1, r1, g1), (c2, r2, g2) = out
+        assert counters["stats"]["unique_graphs"] > graphs_before  # dynamo really compiled the blocks
+        assert torch.allclose(c1, c2, atol=1e-4) and torch.allclose(r1, r2, atol=1e-4)
+        for a, b in zip(g1, g2):
+            assert torch.allclose(a, b, rtol=1e-4, atol=1e-5 * max(1.0, a.abs().max().item()))
+
+
+def test_prepared_pair_logps_runs_under_accelerate_autocast(tiny_model_dir):
+    """train.mixed_precision reaches the lean path: accelerate's autocast wraps PairLogps.forward, so training
+    computes what reflogp computes under accelerator.autocast (the model's own forward is never called there)."""
+    from accelerate import Accelerator
+
+    from sdpo_cli.logprobs import PairLogps
+
+    model = load(tiny_model_dir)
+    batch = collate_pairs(random_pairs(model.config.vocab_size, 3, seed=10), pad_id=0, layout="prefix")
+    accelerator = Accelerator(cpu=True, mixed_precision="bf16")
+    policy = accelerator.prepare(PairLogps(model))
+    with torch.no_grad():
+        trained = policy(batch)
+        with accelerator.autocast():
+            scored = completion_logps(model, batch)
+        plain = completion_logps(model, batch)
+    assert torch.equal(trained[0], scored[0]) and torch.equal(trained[1], scored[1])
+    assert not torch.equal(trained[0], plain[0])  # bf16 matmuls really ran

@@ -192,6 +192,20 @@ def test_stages_chained_by_hand_equal_run(tiny_config):
     assert cfg.run_dir == str(run)
 
 
+@pytest.mark.slow
+def test_packed_layout_and_compiled_blocks_through_the_cli(tiny_config):
+    """The GPU-oriented switches end to end: reflogp and train both in the packed layout, the target's blocks
+    compiled; update 0 of each step still sees target == reference (ln 2), so the two paths agree."""
+    config, run = tiny_config()
+    result = run_cli("run", str(config), "train.layout=packed", "train.compile=true")
+    assert result.returncode == 0, result.stderr
+    assert "torch.compile of 2 transformer blocks" in result.stderr
+    for t in (1, 2):
+        first = read_log(run / "logs" / f"train-step-{t}.jsonl")[0]
+        assert first["check"] == "ok" and first["loss"] == pytest.approx(math.log(2), abs=1e-4)
+    assert json.loads((run / "reflogp" / "step-1" / "meta.json").read_text())["layout"] == "packed"
+
+
 def test_train_before_reflogp_says_what_to_run(tiny_config):
     config, run = tiny_config()
     assert run_cli("split", str(config)).returncode == 0
