@@ -50,11 +50,12 @@ def with_lora(model, lora: LoraConfig, quantization: str | None = None):
     return model
 
 
-def merged_model(model_cfg: ModelConfig, trained, init: str, adapter_dir: Path):
+def merged_model(model_cfg: ModelConfig, trained, init: str, adapter_dir: Path, reload: bool = False):
     """M_t as a plain transformers model: `trained` (the peft model of step t, its adapter already saved in
-    `adapter_dir`) merged into M_{t-1} = `init`. Without quantization, in place; with it, into the full-precision
-    `init`, loaded on the CPU in model.dtype (host RAM for one unquantized copy of the model)."""
-    if not model_cfg.quantization:
+    `adapter_dir`) merged into M_{t-1} = `init`. Without quantization, in place; with it (or with `reload`: the
+    trained model holds FSDP shards), into the full-precision `init`, loaded on the CPU in model.dtype (host RAM for
+    one unquantized copy of the model)."""
+    if not model_cfg.quantization and not reload:
         return trained.merge_and_unload()
     peft = _peft()
     base = load_model(replace(model_cfg, quantization=None), init)

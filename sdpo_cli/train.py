@@ -233,7 +233,10 @@ def run_train(cfg: SdpoConfig, step: int, force: bool = False) -> Path:
     accelerator.wait_for_everyone()
     if tr.report_to:
         accelerator.end_training()
-    state_dict = None if cfg.peft.enabled else _target_state_dict(accelerator, policy)
+    sharded = _sharded(accelerator)
+    # the full state dict (a collective call under FSDP / ZeRO-3); with LoRA in one process or under DDP, peft
+    # reads the adapter from the model itself
+    state_dict = _target_state_dict(accelerator, policy) if sharded or not cfg.peft.enabled else None
     if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(policy).model
         unwrapped.config.use_cache = True if use_cache is False else use_cache  # for users who generate with M_t
@@ -246,8 +249,11 @@ def run_train(cfg: SdpoConfig, step: int, force: bool = False) -> Path:
                 # sDPO with LoRA: M_t = M_{t-1} + this step's adapter, merged, so that M_t is a plain model and
                 # serves exactly as the next step's reference and starting point. The adapter is kept beside it.
                 # QLoRA: merged into the full-precision M_{t-1}, not the quantized one (sdpo_cli/lora.py).
-                unwrapped.save_pretrained(str(tmp / "adapter"))
-                unwrapped = merged_model(cfg.model, unwrapped, init, tmp / "adapter")
+                # Under FSDP the model holds shards: the adapter comes from the gathered state dict, and the merge
+                # reloads M_{t-1} in full.
+                unwrapped.save_pretrained(str(tmp / "adapter"), state_dict=state_dict)
+                unwrapped = merged_model(cfg.model, unwrapped, init, tmp / "adapter", reload=sharded)
+                state_dict = None
             unwrapped.save_pretrained(str(tmp), state_dict=state_dict)
             tok.save_pretrained(str(tmp))
             if tr.save_optimizer:
@@ -482,14 +488,25 @@ def _read_records(path: Path) -> list[dict]:
 
 def _check_engine(accelerator, cfg: SdpoConfig) -> None:
     """What DeepSpeed needs before `prepare`, and the combinations we do not support yet."""
-    from accelerate.utils import DistributedType
-
     plugin = getattr(accelerator.state, "deepspeed_plugin", None)
     if plugin is not None:
         # our loader uses a batch sampler (batch_size None), so DeepSpeed cannot infer the micro-batch itself
         plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.train.per_device_batch_size
-    sharded = accelerator.distributed_type == DistributedType.FSDP or (
-        plugin is not None and plugin.deepspeed_config.get("zero_optimization", {}).get("stage") == 3)
-    if cfg.peft.enabled and sharded:
-        raise ConfigError("peft.enabled with FSDP or ZeRO-3: merging a sharded LoRA model is not supported yet",
-                          hint="use DDP or ZeRO-2 for LoRA (configs/accelerate/ddp.yaml, zero2.yaml)")
+    if cfg.peft.enabled and _zero3(accelerator):
+        raise ConfigError("peft.enabled with DeepSpeed ZeRO-3: merging a ZeRO-3-partitioned LoRA model is not "
+                          "supported", hint="use FSDP, DDP or ZeRO-2 for LoRA (configs/accelerate/fsdp.yaml, ...)")
+    if cfg.model.quantization and _sharded(accelerator):
+        raise ConfigError("model.quantization with FSDP or ZeRO-3: sharding a bitsandbytes-quantized model is not "
+                          "supported", hint="QLoRA runs in one process or under DDP (configs/accelerate/ddp.yaml)")
+
+
+def _zero3(accelerator) -> bool:
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    return plugin is not None and plugin.deepspeed_config.get("zero_optimization", {}).get("stage") == 3
+
+
+def _sharded(accelerator) -> bool:
+    """FSDP or ZeRO-3: each process holds shards of the parameters; full tensors come from get_state_dict."""
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type == DistributedType.FSDP or _zero3(accelerator)

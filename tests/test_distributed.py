@@ -32,42 +32,53 @@ def read_log(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-@pytest.mark.parametrize("engine", ["ddp", "fsdp"])
-def test_two_processes_equal_one_process_with_twice_the_batch(tiny_config, tmp_path, engine):
-    """DDP, and FSDP2 through the shipped configs/accelerate/fsdp.yaml. 16 pairs in global batches of 6: the last
-    batch of each epoch holds 4 pairs, 3 on one rank and 1 (+ 2 weight-0 copies) on the other, and must still train
-    exactly as one process's batch of 4. Inference batch 3: 6 batches, shared unevenly between the 2 ranks."""
-    config, _ = tiny_config(**{"inference.batch_size": 3})
-    single, ddp = tmp_path / "single", tmp_path / engine
+@pytest.mark.parametrize("lora,engines", [(False, ("ddp", "fsdp")), (True, ("fsdp",))], ids=["full", "lora"])
+def test_two_processes_equal_one_process_with_twice_the_batch(tiny_config, tmp_path, lora, engines):
+    """DDP, and FSDP2 through the shipped configs/accelerate/fsdp.yaml, also with LoRA (the adapter gathered from the
+    shards and merged into a reloaded M_{t-1}). 16 pairs in global batches of 6: the last batch of each epoch holds 4
+    pairs, 3 on one rank and 1 (+ 2 weight-0 copies) on the other, and must still train exactly as one process's
+    batch of 4. Inference batch 3: 6 batches, shared unevenly between the 2 ranks."""
+    config, _ = tiny_config(**{"inference.batch_size": 3, "peft.enabled": lora})
+    single = tmp_path / "single"
     one = run_cli("run", str(config), f"run_dir={single}", "train.per_device_batch_size=6")
     assert one.returncode == 0, one.stderr
-    two = launch("run", str(config), f"run_dir={ddp}", "train.per_device_batch_size=3", engine=engine)
-    assert two.returncode == 0, two.stderr + two.stdout
-    assert "3×1×2 = 6 pairs" in two.stderr  # effective batch from the world size, printed at start
+    for engine in engines:
+        multi = tmp_path / engine
+        two = launch("run", str(config), f"run_dir={multi}", "train.per_device_batch_size=3", engine=engine)
+        assert two.returncode == 0, two.stderr + two.stdout
+        assert "3×1×2 = 6 pairs" in two.stderr  # effective batch from the world size, printed at start
+        _assert_same_run(single, multi, lora)
+    gamma = launch("gamma", str(config), f"run_dir={multi}", "--json")
+    assert gamma.returncode == 0, gamma.stderr
+    assert [r["checkpoint"] for r in json.loads(gamma.stdout)] == ["base", "step-1", "step-2"]
+
+
+def _assert_same_run(single: Path, multi: Path, lora: bool) -> None:
+    from safetensors.torch import load_file
 
     for t in (1, 2):
-        meta = json.loads((ddp / "checkpoints" / f"step-{t}" / "meta.json").read_text())
+        meta = json.loads((multi / "checkpoints" / f"step-{t}" / "meta.json").read_text())
         assert meta["world_size"] == 2
         a = datasets.load_from_disk(str(single / "reflogp" / f"step-{t}"))
-        b = datasets.load_from_disk(str(ddp / "reflogp" / f"step-{t}"))
+        b = datasets.load_from_disk(str(multi / "reflogp" / f"step-{t}"))
         assert a["id"] == b["id"] and len(b) == 16  # every row once, in order
         for key in ("ref_chosen_logp", "ref_rejected_logp"):
             assert b[key] == pytest.approx(a[key], abs=1e-5)
-        la, lb = read_log(single / "logs" / f"train-step-{t}.jsonl"), read_log(ddp / "logs" / f"train-step-{t}.jsonl")
+        la = read_log(single / "logs" / f"train-step-{t}.jsonl")
+        lb = read_log(multi / "logs" / f"train-step-{t}.jsonl")
         assert [r["update"] for r in la] == [r["update"] for r in lb]
         for ra, rb in zip(la, lb):
             assert rb["loss"] == pytest.approx(ra["loss"], abs=1e-5)
             assert rb["pairs"] == ra["pairs"]
-
-    from safetensors.torch import load_file
-
-    wa = load_file(str(single / "checkpoints" / "step-2" / "model.safetensors"))
-    wb = load_file(str(ddp / "checkpoints" / "step-2" / "model.safetensors"))
-    assert wa.keys() == wb.keys()
-    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-4
-    gamma = launch("gamma", str(config), f"run_dir={ddp}", "--json")
-    assert gamma.returncode == 0, gamma.stderr
-    assert [r["checkpoint"] for r in json.loads(gamma.stdout)] == ["base", "step-1", "step-2"]
+    files = ["model.safetensors"] + (["adapter/adapter_model.safetensors"] if lora else [])
+    for name in files:
+        wa = load_file(str(single / "checkpoints" / "step-2" / name))
+        wb = load_file(str(multi / "checkpoints" / "step-2" / name))
+        assert wa.keys() == wb.keys()
+        assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-4
+    if lora:  # the adapter trained
+        adapter = load_file(str(multi / "checkpoints" / "step-2" / "adapter" / "adapter_model.safetensors"))
+        assert max(v.abs().max().item() for k, v in adapter.items() if "lora_B" in k) > 0
 
 
 def test_a_world_of_one_under_a_multi_process_launch_is_an_error(tiny_config):

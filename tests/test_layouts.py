@@ -376,17 +376,22 @@ def test_prepared_pair_logps_runs_under_accelerate_autocast(tiny_model_dir):
     """train.mixed_precision reaches the lean path: accelerate's autocast wraps PairLogps.forward, so training
     computes what reflogp computes under accelerator.autocast (the model's own forward is never called there)."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
 
     from sdpo_cli.logprobs import PairLogps
 
     model = load(tiny_model_dir)
     batch = collate_pairs(random_pairs(model.config.vocab_size, 3, seed=10), pad_id=0, layout="prefix")
-    accelerator = Accelerator(cpu=True, mixed_precision="bf16")
-    policy = accelerator.prepare(PairLogps(model))
-    with torch.no_grad():
-        trained = policy(batch)
-        with accelerator.autocast():
-            scored = completion_logps(model, batch)
-        plain = completion_logps(model, batch)
+    AcceleratorState._reset_state(reset_partial_state=True)  # a process-wide singleton: earlier tests made one
+    try:
+        accelerator = Accelerator(cpu=True, mixed_precision="bf16")
+        policy = accelerator.prepare(PairLogps(model))
+        with torch.no_grad():
+            trained = policy(batch)
+            with accelerator.autocast():
+                scored = completion_logps(model, batch)
+            plain = completion_logps(model, batch)
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
     assert torch.equal(trained[0], scored[0]) and torch.equal(trained[1], scored[1])
     assert not torch.equal(trained[0], plain[0])  # bf16 matmuls really ran
