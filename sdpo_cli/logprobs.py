@@ -201,7 +201,7 @@ def layout_unsupported(model, layout: str, max_length: int | None = None) -> str
     if layout != "prefix":
         return None
     config = _config(model)
-    impl = _attn_impl(model)
+    impl = _attn_impl(config)
     if impl not in MASKED_ATTENTION:
         return f"attn_implementation {impl!r} takes no 4D attention mask (use one of {', '.join(MASKED_ATTENTION)})"
     window = getattr(config, "sliding_window", None)

@@ -270,9 +270,9 @@ def _fused_adam(accelerator, model) -> bool | None:
     from accelerate.utils import DistributedType
 
     plain = accelerator.distributed_type in (DistributedType.NO, DistributedType.MULTI_GPU, DistributedType.MULTI_CPU)
-    devices = {p.device.type for p in model.parameters() if p.requires_grad}
-    floats = {p.dtype for p in model.parameters() if p.requires_grad} <= {torch.float32, torch.bfloat16, torch.float16}
-    return True if plain and floats and devices <= {"cpu", "cuda"} else None
+    supported = all(p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.bfloat16, torch.float16)
+                    for p in model.parameters() if p.requires_grad)
+    return True if plain and supported else None
 
 
 def _target_state_dict(accelerator, policy) -> dict | None:
