@@ -1,7 +1,16 @@
-"""Errors a user can cause, each with a hint that names the next command.
+"""Every error type sdpo raises on purpose, and the exit-code rule.
 
-The CLI turns an `SdpoError` into two lines on stderr (`Error: ...` / `Hint: ...`) and an exit code, with no
-traceback unless `SDPO_DEBUG=1`. Exit code 2 is for usage, config and data mistakes; 1 for everything else.
+Exit codes (the CLI turns an `SdpoError` into `Error: ...` / `Hint: ...` on stderr, no traceback unless SDPO_DEBUG=1):
+
+    0    success
+    2    the user's input: config file, key or value, command-line usage, data sources   (ConfigError, DataError)
+    1    everything else the user can act on: run-directory paths, missing or stale artifacts, models that cannot be
+         loaded, a full disk, runtime failures                                            (SdpoError, ArtifactError)
+    130  interrupted (Ctrl-C, SIGINT, SIGTERM); training saved its state first             (Interrupted)
+
+A bug is none of these: it escapes as a Python traceback (exit 1). Code that catches a library's exception to
+translate it into one of ours (a full disk, a file that is not a dataset) re-raises with `from`; no `except
+Exception` swallows or relabels an error it does not recognise.
 """
 
 from __future__ import annotations
@@ -34,3 +43,14 @@ class ArtifactError(SdpoError):
     """A run-directory artifact that is missing, stale or from another configuration."""
 
     exit_code = 1
+
+
+class Interrupted(SdpoError):
+    """Stopped by SIGINT / SIGTERM / Ctrl-C; training stops at an update boundary after saving its state."""
+
+    exit_code = 130
+
+
+def first_line(e: BaseException, limit: int = 300) -> str:
+    """The first line of an exception's message, whitespace collapsed: libraries' errors inside our one-line ones."""
+    return " ".join(str(e).strip().split("\n")[0].split())[:limit]
