@@ -19,7 +19,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from sdpo_cli import console
+from sdpo_cli.context import RunContext
 from sdpo_cli.errors import SdpoError
 
 app = typer.Typer(
@@ -42,17 +42,19 @@ ForceOpt = Annotated[bool, typer.Option("--force", help="Redo the stage even if 
 
 
 def _config(config: Path, overrides: list[str] | None):
+    """The command's config (mistakes are reported before torch is imported) and its run context, built once here and
+    passed down to the stage."""
     from sdpo_cli.config import load_config
 
-    return load_config(config, overrides)
+    return load_config(config, overrides), RunContext.from_env(config_path=str(config))
 
 
-def _record(cfg) -> None:
+def _record(cfg, ctx: RunContext) -> None:
     """Keep the resolved config of the last successful stage next to its artifacts."""
     from sdpo_cli.config import to_yaml
     from sdpo_cli.rundir import write_text_atomic
 
-    if console.is_main_process():
+    if ctx.is_main:
         write_text_atomic(Path(cfg.run_dir) / "config.yaml", to_yaml(cfg))
 
 
@@ -64,13 +66,13 @@ def split(config: ConfigArg, overrides: Overrides = None, force: ForceOpt = Fals
 
     Stratified: sdpo split configs/fixtures.yaml split.strategy=stratified split.steps=null 'split.fractions=[0.5,0.5]'
     """
-    cfg = _config(config, overrides)  # config mistakes are reported before torch is imported
+    cfg, ctx = _config(config, overrides)
     from sdpo_cli.split import run_split
 
-    paths = run_split(cfg, force=force)
-    _record(cfg)
+    paths = run_split(cfg, force=force, ctx=ctx)
+    _record(cfg, ctx)
     for path in paths:
-        console.stdout.print(str(path))
+        ctx.out.print(str(path))
 
 
 @app.command()
@@ -79,12 +81,12 @@ def reflogp(config: ConfigArg, step: StepOpt, overrides: Overrides = None, force
 
     Example: sdpo reflogp configs/fixtures.yaml --step 2 run_dir=runs/demo
     """
-    cfg = _config(config, overrides)  # config mistakes are reported before torch is imported
+    cfg, ctx = _config(config, overrides)
     from sdpo_cli.reflogp import run_reflogp
 
-    out = run_reflogp(cfg, step, force=force)
-    _record(cfg)
-    console.stdout.print(str(out))
+    out = run_reflogp(cfg, step, force=force, ctx=ctx)
+    _record(cfg, ctx)
+    ctx.out.print(str(out))
 
 
 @app.command()
@@ -93,12 +95,12 @@ def train(config: ConfigArg, step: StepOpt, overrides: Overrides = None, force: 
 
     Example: sdpo train configs/fixtures.yaml --step 1 run_dir=runs/demo train.learning_rate=1e-5
     """
-    cfg = _config(config, overrides)  # config mistakes are reported before torch is imported
+    cfg, ctx = _config(config, overrides)
     from sdpo_cli.train import run_train
 
-    out = run_train(cfg, step, force=force)
-    _record(cfg)
-    console.stdout.print(str(out))
+    out = run_train(cfg, step, force=force, ctx=ctx)
+    _record(cfg, ctx)
+    ctx.out.print(str(out))
 
 
 @app.command()
@@ -107,12 +109,12 @@ def run(config: ConfigArg, overrides: Overrides = None, force: ForceOpt = False)
 
     Example: sdpo run configs/fixtures.yaml run_dir=runs/demo
     """
-    cfg = _config(config, overrides)  # config mistakes are reported before torch is imported
+    cfg, ctx = _config(config, overrides)
     from sdpo_cli.pipeline import run_all
 
-    out = run_all(cfg, force=force)
-    _record(cfg)
-    console.stdout.print(str(out))
+    out = run_all(cfg, force=force, ctx=ctx)
+    _record(cfg, ctx)
+    ctx.out.print(str(out))
 
 
 @app.command()
@@ -130,16 +132,16 @@ def gamma(
 
     Example: sdpo gamma configs/fixtures.yaml run_dir=runs/demo --checkpoint base --checkpoint step-1 --json
     """
-    cfg = _config(config, overrides)
+    cfg, ctx = _config(config, overrides)
     from sdpo_cli.gamma import run_gamma
 
-    results = run_gamma(cfg, checkpoint, data)
+    results = run_gamma(cfg, checkpoint, data, ctx=ctx)
     if plot is not None:
         from sdpo_cli.reports import plot_gamma
 
-        console.info(f"gamma: wrote {plot_gamma(results, plot)}")
+        ctx.info(f"gamma: wrote {plot_gamma(results, plot)}")
     if as_json:
-        console.stdout.print(json.dumps(results, indent=2), markup=False, highlight=False)
+        ctx.out.print(json.dumps(results, indent=2), markup=False, highlight=False)
         return
     table = Table(title=f"γ on {results[0]['data']}" if results else "γ", title_justify="left")
     for col in ("checkpoint", "n", "mean", "std", "median", "γ > 0"):
@@ -147,7 +149,7 @@ def gamma(
     for r in results:
         table.add_row(r["checkpoint"], str(r["n"]), f"{r['mean']:.4f}", f"{r['std']:.4f}", f"{r['median']:.4f}",
                       f"{r['frac_positive']:.3f}")
-    console.stdout.print(table)
+    ctx.out.print(table)
 
 
 @app.command("eval")
@@ -172,15 +174,15 @@ def evaluate(
 
     Offline, local data: sdpo eval CONFIG --tasks path/to/my_task.yaml  (see docs/eval.md)
     """
-    cfg = _config(config, overrides)
+    cfg, ctx = _config(config, overrides)
     task_list = [t.strip() for item in tasks for t in item.split(",") if t.strip()] if tasks else None
     from sdpo_cli.evaluate import eval_table, run_eval
 
-    report = run_eval(cfg, checkpoint, task_list, limit, force=force)
+    report = run_eval(cfg, checkpoint, task_list, limit, force=force, ctx=ctx)
     if as_json:
-        console.stdout.print(json.dumps(report, indent=2), markup=False, highlight=False)
+        ctx.out.print(json.dumps(report, indent=2), markup=False, highlight=False)
         return
-    console.stdout.print(eval_table(report))
+    ctx.out.print(eval_table(report))
 
 
 def main() -> None:
@@ -189,6 +191,7 @@ def main() -> None:
     # Our own progress bars and counts replace the libraries' per-call bars and length warnings.
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' loading bars too: ours say what loads
     try:
         app(standalone_mode=True)
     except SdpoError as e:
@@ -196,16 +199,17 @@ def main() -> None:
     except SystemExit:
         raise
     except KeyboardInterrupt:
-        console.console.print("Interrupted. Finished stages are kept; rerun the same command to continue.")
+        RunContext.from_env().err.print("Interrupted. Finished stages are kept; rerun the same command to continue.")
         sys.exit(130)
 
 
 def _fail(e: SdpoError) -> None:
     if os.environ.get("SDPO_DEBUG"):
         raise e
-    console.console.print(f"[bold red]Error:[/] {escape(e.message)}", soft_wrap=True)
+    err = RunContext.from_env().err
+    err.print(f"[bold red]Error:[/] {escape(e.message)}", soft_wrap=True)
     if e.hint:
-        console.console.print(f"Hint: {escape(e.hint)}", soft_wrap=True)
+        err.print(f"Hint: {escape(e.hint)}", soft_wrap=True)
     sys.exit(e.exit_code)
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sdpo_cli.config import SdpoConfig, section
+from sdpo_cli.config import SdpoConfig, num_steps, section
 from sdpo_cli.models import model_identity, reference_model, target_init_model, tokenizer_identity
 from sdpo_cli.rundir import RunDir, file_fingerprint, fingerprint, read_meta
 
@@ -87,3 +87,11 @@ def require_data(cfg: SdpoConfig, run: RunDir, step: int | str, tok) -> Path:
         raise ArtifactError(f"{path} is stale: the data/split config, tokenizer or source files changed since it "
                             "was written", hint="sdpo split CONFIG --force  # then redo the later stages")
     return path
+
+
+def require_step(cfg: SdpoConfig, step: int) -> None:
+    """--step T names one of the config's steps 1..T."""
+    from sdpo_cli.errors import ConfigError
+
+    if not 1 <= step <= num_steps(cfg):
+        raise ConfigError(f"--step {step}: this config has steps 1..{num_steps(cfg)}", hint="pick a step in range")

@@ -13,29 +13,29 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
-from sdpo_cli import console
 from sdpo_cli.config import SdpoConfig, SourceConfig, num_steps
-from sdpo_cli.console import is_main_process
+from sdpo_cli.context import RunContext
 from sdpo_cli.data.formats import load_pairs
 from sdpo_cli.data.tokenize import tokenize_pairs
 from sdpo_cli.errors import ConfigError, DataError
 from sdpo_cli.fingerprints import data_fp, logps_fp, require_data
-from sdpo_cli.models import check_base, disable_dropout, load_model, load_tokenizer, named_model
+from sdpo_cli.models import check_base, disable_dropout, finished_checkpoints, load_model, named_model
 from sdpo_cli.rundir import RunDir, file_fingerprint, read_meta, write_json_atomic, writing
 
 
-def run_gamma(cfg: SdpoConfig, checkpoints: list[str] | None = None, data: str | None = None) -> list[dict]:
+def run_gamma(cfg: SdpoConfig, checkpoints: list[str] | None = None, data: str | None = None, *,
+              ctx: RunContext | None = None) -> list[dict]:
     """One summary per checkpoint: {checkpoint, data, n, mean, std, median, frac_positive}."""
     import datasets
 
+    ctx = ctx or RunContext.from_env()
     run = RunDir(cfg.run_dir)
     check_base(cfg.model)
-    tok = load_tokenizer(cfg.model)
+    tok = ctx.tokenizer(cfg.model)
     data = data or f"step-{num_steps(cfg)}"
     pairs, data_identity = _load_data(cfg, run, data, tok)
     if checkpoints is None:
-        checkpoints = ["base"] + [f"step-{t}" for t in range(1, num_steps(cfg) + 1)
-                                  if read_meta(run.checkpoint(t)) is not None]
+        checkpoints = finished_checkpoints(cfg, run)
     results = []
     model_cache = None
     for name in checkpoints:
@@ -43,16 +43,16 @@ def run_gamma(cfg: SdpoConfig, checkpoints: list[str] | None = None, data: str |
         fp = logps_fp(cfg, data_identity, source)
         gammas = _reuse(run, fp)
         if gammas is None:
-            model_cache = model_cache or _Scorer(cfg, tok)
+            model_cache = model_cache or _Scorer(cfg, tok, ctx)
             gammas = model_cache.gammas(source, pairs, f"γ {label} on {data}")
-            if is_main_process():
+            if ctx.is_main:
                 cached = run.cache / "logps" / f"{_safe(label)}--{_safe(data)}"
                 with writing(cached, {"stage": "gamma", "fingerprint": fp, "model": source, "data": data,
                                       "rows": len(gammas)}) as tmp:
                     datasets.Dataset.from_dict({"id": pairs["id"], "gamma": gammas}).save_to_disk(str(tmp))
             model_cache.accelerator.wait_for_everyone()
         results.append(summarize(label, data, gammas))
-    if is_main_process():
+    if ctx.is_main:
         write_json_atomic(run.reports / "gamma.json", results)
     return results
 
@@ -99,22 +99,23 @@ def _reuse(run: RunDir, fp: str) -> list[float] | None:
 class _Scorer:
     """Loads each checkpoint in turn on the accelerator's device and scores the pairs."""
 
-    def __init__(self, cfg: SdpoConfig, tok):
+    def __init__(self, cfg: SdpoConfig, tok, ctx: RunContext):
         from sdpo_cli.distributed import make_accelerator
 
-        self.cfg, self.tok = cfg, tok
-        self.accelerator = make_accelerator(mixed_precision=cfg.train.mixed_precision)
+        self.cfg, self.tok, self.ctx = cfg, tok, ctx
+        self.accelerator = make_accelerator(ctx, mixed_precision=cfg.train.mixed_precision)
 
     def gammas(self, source: str, pairs, description: str) -> list[float]:
-        from sdpo_cli.distributed import score_pairs_sharded
-        from sdpo_cli.logprobs import resolve_layout
+        from sdpo_cli.collate import resolve_layout
+        from sdpo_cli.scoring import score_pairs_sharded
 
         model = load_model(self.cfg.model, source).to(self.accelerator.device)
         disable_dropout(model)
-        with console.progress() as bar:
-            layout = resolve_layout(self.cfg.train.layout, model, self.cfg.data.max_length)
-            chosen, rejected = score_pairs_sharded(self.accelerator, model, pairs, self.tok.pad_token_id,
-                                                   self.cfg.inference.batch_size, bar, description, layout)
+        layout = resolve_layout(self.cfg.train.layout, model, self.cfg.data.max_length, warn=self.ctx.warn)
+        with self.ctx.progress() as bar:
+            chosen, rejected = score_pairs_sharded(self.accelerator, model, pairs, pad_id=self.tok.pad_token_id,
+                                                   batch_size=self.cfg.inference.batch_size, progress=bar,
+                                                   description=description, layout=layout)
         del model
         return [c - r for c, r in zip(chosen, rejected)]
 

@@ -20,8 +20,8 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
+from typing import Callable
 
-from sdpo_cli import console
 from sdpo_cli.config import LoraConfig, ModelConfig
 from sdpo_cli.errors import ConfigError
 from sdpo_cli.models import load_model, quiet_bitsandbytes
@@ -37,7 +37,8 @@ def _peft():
     return peft
 
 
-def with_lora(model, lora: LoraConfig, quantization: str | None = None):
+def with_lora(model, lora: LoraConfig, quantization: str | None = None, *,
+              info: Callable[[str], None] | None = None):
     """Wrap the target in a fresh LoRA adapter (peft). B starts at zero, so update 0 still sees target == M_{t-1}
     (quant(M_{t-1}) with model.quantization, which models.load_model has already applied and prepared)."""
     peft = _peft()
@@ -46,7 +47,8 @@ def with_lora(model, lora: LoraConfig, quantization: str | None = None):
     model = peft.get_peft_model(model, config)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     kind = f"QLoRA ({quantization} base)" if quantization else "LoRA"
-    console.info(f"{kind} r={lora.r} alpha={lora.alpha}: {trainable:,} trainable parameters")
+    if info is not None:
+        info(f"{kind} r={lora.r} alpha={lora.alpha}: {trainable:,} trainable parameters")
     return model
 
 

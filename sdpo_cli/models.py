@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from sdpo_cli.config import ModelConfig
-from sdpo_cli.errors import ConfigError, SdpoError
+from sdpo_cli.errors import ConfigError, SdpoError, first_line
 from sdpo_cli.rundir import fingerprint
 
 # Built-in chat templates for tokenizers that ship none. Each renders the generation prompt as an exact prefix of
@@ -47,35 +47,20 @@ def _hub_kwargs(cfg: ModelConfig) -> dict:
     return {"revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code}
 
 
-_TOKENIZERS: dict = {}  # one load per process: `sdpo run` asks for the base tokenizer in every stage (~0.3 s each)
-
-
 def load_tokenizer(cfg: ModelConfig, path: str | None = None):
     """The tokenizer of `path` (default: the base model), with pad token and chat template filled in if missing.
+    Stages ask their run context (`ctx.tokenizer`), which loads it once per command."""
+    from transformers import AutoTokenizer
 
-    Loaded once per process for the same source and settings (a local folder's tokenizer files are part of the key,
-    so a rewritten folder is read again); callers must not modify the returned tokenizer."""
     source = path or cfg.base
     if path is None:
         check_base(cfg, weights=False)
-    local = Path(source).expanduser()
-    names = TOKENIZER_FILES + ("special_tokens_map.json", "chat_template.jinja")
-    files = tuple(sorted((p.name, p.stat().st_mtime_ns, p.stat().st_size) for p in local.iterdir()
-                         if p.is_file() and p.name in names)) if local.is_dir() else None
-    key = (str(source), cfg.revision, cfg.pad_token, cfg.chat_template, cfg.trust_remote_code, files)
-    if key not in _TOKENIZERS:
-        _TOKENIZERS[key] = _load_tokenizer(cfg, source, path)
-    return _TOKENIZERS[key]
-
-
-def _load_tokenizer(cfg: ModelConfig, source: str, path: str | None):
-    from transformers import AutoTokenizer
 
     try:
         tok = AutoTokenizer.from_pretrained(source, **_hub_kwargs(cfg))
     except (OSError, ValueError) as e:
         error = ConfigError if path is None else SdpoError  # model.base is the user's setting; a checkpoint is not
-        raise error(f"{source}: cannot load a tokenizer ({_first_line(e)})",
+        raise error(f"{source}: cannot load a tokenizer ({first_line(e)})",
                     hint="model.base must be a hub id or a folder with tokenizer files") from None
     if tok.pad_token is None:
         # Padding never reaches the loss (masks come from token counts), so any existing token will do.
@@ -129,9 +114,6 @@ def check_base(cfg: ModelConfig, weights: bool = True) -> None:
 def load_model(cfg: ModelConfig, path: str | Path | None = None, *, train: bool = False):
     """A causal LM from a hub id or folder; dropout is left to the caller, eval mode unless `train`."""
     from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # our own progress bars say what is loading
 
     source = str(path or cfg.base)
     kwargs = dict(_hub_kwargs(cfg))
@@ -154,7 +136,7 @@ def load_model(cfg: ModelConfig, path: str | Path | None = None, *, train: bool 
     try:
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as e:
-        raise SdpoError(f"{source}: cannot load the model ({_first_line(e)})",
+        raise SdpoError(f"{source}: cannot load the model ({first_line(e)})",
                         hint="model.base must be a hub id or a folder with config.json and weights") from None
     if cfg.quantization:
         _prepare_quantized(model)
@@ -253,6 +235,19 @@ def _prepare_quantized(model) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
+def compile_blocks(model: torch.nn.Module) -> int:
+    """Regional torch.compile, in place: every transformer block (the classes in `_no_split_modules`), with dynamic
+    shapes since batch lengths vary. Blocks share one compiled graph, so compile time is about one block's; in-place
+    `Module.compile` keeps parameter names, so checkpoints and engine wrapping are unchanged. Returns the count."""
+    names = set(getattr(model, "_no_split_modules", None) or ())
+    blocks = [m for m in model.modules() if type(m).__name__ in names]
+    if not blocks:  # no block classes declared: compile the decoder body as one region
+        blocks = [model.get_decoder()]
+    for block in blocks:
+        block.compile(dynamic=True)
+    return len(blocks)
+
+
 def disable_dropout(model: torch.nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
@@ -276,10 +271,6 @@ def model_identity(source: str, revision: str | None = None) -> str:
 
 def tokenizer_identity(tok) -> str:
     return fingerprint(sorted(tok.get_vocab().items()), tok.chat_template, tok.eos_token, tok.bos_token)
-
-
-def _first_line(e: Exception) -> str:
-    return " ".join(str(e).strip().split("\n")[0].split())[:300]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -329,3 +320,11 @@ def named_model(cfg, run, name: str) -> tuple[str, str]:
     if Path(name).exists():
         return name, str(Path(name).resolve())
     raise ConfigError(f"--checkpoint {name}: not base, step-N or an existing path", hint="e.g. --checkpoint step-1")
+
+
+def finished_checkpoints(cfg, run) -> list[str]:
+    """The default checkpoints of `gamma` and `eval`: base and every finished step."""
+    from sdpo_cli.config import num_steps
+    from sdpo_cli.rundir import read_meta
+
+    return ["base"] + [f"step-{t}" for t in range(1, num_steps(cfg) + 1) if read_meta(run.checkpoint(t)) is not None]

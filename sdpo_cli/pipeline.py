@@ -17,9 +17,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sdpo_cli import console
 from sdpo_cli.config import SdpoConfig, num_steps
-from sdpo_cli.console import is_main_process
+from sdpo_cli.context import RunContext
 from sdpo_cli.reflogp import run_reflogp
 from sdpo_cli.reports import plot_losses, read_log
 from sdpo_cli.rundir import RunDir
@@ -27,38 +26,37 @@ from sdpo_cli.split import run_split
 from sdpo_cli.train import run_train
 
 
-def run_all(cfg: SdpoConfig, force: bool = False) -> Path:
+def run_all(cfg: SdpoConfig, *, force: bool = False, ctx: RunContext | None = None) -> Path:
+    ctx = ctx or RunContext.from_env()
     run = RunDir(cfg.run_dir)
     steps = num_steps(cfg)
-    evaluator = _evaluator(cfg)
-    run_split(cfg, force=force)
+    evaluator = _evaluator(cfg, ctx)
+    run_split(cfg, force=force, ctx=ctx)
     for t in range(1, steps + 1):
-        console.info(f"[bold]sDPO step {t}/{steps}[/]")
-        run_reflogp(cfg, t, force=force)
-        run_train(cfg, t, force=force)
+        ctx.info(f"[bold]sDPO step {t}/{steps}[/]")
+        run_reflogp(cfg, t, force=force, ctx=ctx)
+        run_train(cfg, t, force=force, ctx=ctx)
         if evaluator is not None:
             from sdpo_cli.evaluate import eval_table
             from sdpo_cli.models import named_model
 
             report = evaluator.evaluate([named_model(cfg, run, name) for name in ["base"] + [
                 f"step-{s}" for s in range(1, t + 1)]], force=force)
-            console.console.print(eval_table(report))
+            ctx.err.print(eval_table(report))
     curves = {f"step {t}": read_log(run.train_log(t)) for t in range(1, steps + 1) if run.train_log(t).is_file()}
-    if curves and is_main_process():
+    if curves and ctx.is_main:
         plot_losses(curves, run.reports / "loss.png")
     return run.checkpoint(steps)
 
 
-def _evaluator(cfg: SdpoConfig):
+def _evaluator(cfg: SdpoConfig, ctx: RunContext):
     """eval.after_each_step: the tasks, loaded (and their data reached) before any work; None when off."""
-    import os
-
     if not cfg.eval.after_each_step:
         return None
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        console.warn("eval.after_each_step is skipped in a multi-process run (lm-eval scores on one device); "
-                     "afterwards: sdpo eval CONFIG")
+    if ctx.world_size > 1:
+        ctx.warn("eval.after_each_step is skipped in a multi-process run (lm-eval scores on one device); "
+                 "afterwards: sdpo eval CONFIG")
         return None
     from sdpo_cli.evaluate import Evaluator
 
-    return Evaluator(cfg)
+    return Evaluator(cfg, ctx=ctx)

@@ -1,12 +1,16 @@
 """The run directory: every artifact's path, its meta.json, and atomic writes.
 
     runs/<name>/
-      config.yaml               resolved config of the last successful split / reflogp / train / run
-      data/step-t/  data/eval/  canonical pairs + token ids (datasets.save_to_disk) + meta.json
-      reflogp/step-t/           reference log-probs of D_t under the step's reference + meta.json
-      checkpoints/step-t/       M_t in Hugging Face layout + meta.json
-      logs/train-step-t.jsonl   one JSON object per logged update
-      reports/                  gamma.json, gamma.png, loss.png
+      config.yaml                 resolved config of the last successful split / reflogp / train / run
+      data/step-t/  data/eval/    canonical pairs + token ids (datasets.save_to_disk) + meta.json
+      reflogp/step-t/             reference log-probs of D_t under the step's reference + meta.json
+      checkpoints/step-t/         M_t in Hugging Face layout (+ adapter/ with LoRA, optimizer.pt if asked) + meta.json
+      checkpoints/.step-t.state/  resumable state of an unfinished step (accelerate's + progress.json); removed when
+                                  M_t is written
+      logs/train-step-t.jsonl     one JSON object per logged update (+ tracker files with train.report_to)
+      cache/logps/                gamma's log-probs of other models or data, reused by later calls
+      cache/eval/                 one lm-eval score per checkpoint x task (sdpo eval)
+      reports/                    gamma.json, gamma.png, loss.png, eval.json
 
 A stage is finished iff its folder holds meta.json and the fingerprint recorded there equals the one the current
 config and inputs give. A stage writes into a temporary sibling, writes meta.json last and renames the folder into
@@ -110,18 +114,6 @@ def read_meta(path: Path) -> dict | None:
         return json.loads(meta.read_text())
     except (OSError, json.JSONDecodeError):
         return None
-
-
-def require(path: Path, what: str, hint: str) -> dict:
-    meta = read_meta(path)
-    if meta is None:
-        raise ArtifactError(f"{path}: {what} not found (no {META})", hint=hint)
-    return meta
-
-
-def is_current(path: Path, expected_fingerprint: str) -> bool:
-    meta = read_meta(path)
-    return meta is not None and meta.get("fingerprint") == expected_fingerprint
 
 
 def check_not_stale(path: Path, expected_fingerprint: str, command: str) -> bool:

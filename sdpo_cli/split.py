@@ -24,8 +24,8 @@ from pathlib import Path
 
 from rich.table import Table
 
-from sdpo_cli import console
-from sdpo_cli.config import SdpoConfig, config_file, num_steps
+from sdpo_cli.config import SdpoConfig, num_steps
+from sdpo_cli.context import RunContext
 from sdpo_cli.data.formats import LoadedSource, load_pairs, prompt_hash
 from sdpo_cli.data.tokenize import tokenize_pairs
 from sdpo_cli.errors import DataError
@@ -37,33 +37,34 @@ def data_paths(cfg: SdpoConfig, run: RunDir) -> list[Path]:
     return paths + ([run.data("eval")] if cfg.data.eval else [])
 
 
-def run_split(cfg: SdpoConfig, force: bool = False) -> list[Path]:
+def run_split(cfg: SdpoConfig, *, force: bool = False, ctx: RunContext | None = None) -> list[Path]:
     """Under several processes rank 0 builds the data first; the others then find it finished and current."""
     from sdpo_cli.distributed import main_process_first
 
-    with main_process_first() as state:
-        return _run_split(cfg, force=force and state.is_main_process)
+    ctx = ctx or RunContext.from_env()
+    with main_process_first(ctx) as state:
+        return _run_split(cfg, force=force and state.is_main_process, ctx=ctx)
 
 
-def _run_split(cfg: SdpoConfig, force: bool) -> list[Path]:
+def _run_split(cfg: SdpoConfig, *, force: bool, ctx: RunContext) -> list[Path]:
     # Imported here, not at the top: `sdpo split` loads the config first, and a config mistake should not wait for
     # torch and transformers to import.
     from sdpo_cli.fingerprints import split_fp
-    from sdpo_cli.models import check_base, load_tokenizer
+    from sdpo_cli.models import check_base
 
     started = time.time()
     run = RunDir(cfg.run_dir)
     check_base(cfg.model)  # a base without weights or tokenizer stops here, not after the split
     run.ensure()
-    tok = load_tokenizer(cfg.model)
+    tok = ctx.tokenizer(cfg.model)
     fp = split_fp(cfg, tok)
     paths = data_paths(cfg, run)
     if not force and all(check_not_stale(p, fp, "sdpo split CONFIG") for p in paths):
-        console.info(f"split: finished already ({run.rel(paths[0].parent)}), skipping")
+        ctx.info(f"split: finished already ({run.rel(paths[0].parent)}), skipping")
         return paths
 
     loaded = [load_pairs(s) for s in cfg.data.sources]
-    with console.progress() as bar:
+    with ctx.progress() as bar:
         counts: dict[str, Counter] = {}
         pools: dict[str, list[dict]] = {}
         for src in loaded:
@@ -71,18 +72,19 @@ def _run_split(cfg: SdpoConfig, force: bool) -> list[Path]:
             pools[src.name] = kept
             counts[src.name] = Counter(read=src.rows_read, kept=len(kept), dropped_too_long=dropped,
                                        truncated=sum(p["truncated"] for p in kept), **src.skipped)
-        steps = _assign(cfg, pools, tok, bar)
+        steps = _assign(cfg, pools, tok, bar, ctx)
     for t, rows in enumerate(steps, start=1):
         if not rows:
-            raise _empty_step(cfg, t, loaded, counts)
+            raise _empty_step(cfg, t, loaded, counts, ctx.config_path)
 
     overlap = _overlap(steps)
-    _print_table(cfg, steps, counts, overlap)
+    _print_table(cfg, steps, counts, overlap, ctx)
     for t, rows in enumerate(steps, start=1):
         meta = {"stage": "split", "step": t, "started": started, "fingerprint": fp, "strategy": cfg.split.strategy,
                 "rows": len(rows),
                 "rows_per_source": dict(Counter(r["source"] for r in rows)),
-                "sources": {n: dict(c) for n, c in counts.items()}, "overlap": overlap}
+                "sources": {n: dict(c) for n, c in counts.items()}, "formats": {s.name: s.format for s in loaded},
+                "overlap": overlap}
         _save(rows, run.data(t), meta)
     if cfg.data.eval:
         src: LoadedSource = load_pairs(cfg.data.eval)
@@ -94,13 +96,13 @@ def _run_split(cfg: SdpoConfig, force: bool) -> list[Path]:
                                                    **src.skipped))}}
         _save(kept, run.data("eval"), meta)
     for p in paths:
-        console.info(f"split: wrote {p} ({read_meta(p)['rows']} pairs)")
+        ctx.info(f"split: wrote {p} ({read_meta(p)['rows']} pairs)")
     return paths
 
 
-def _empty_step(cfg: SdpoConfig, t: int, loaded: list[LoadedSource], counts: dict[str, Counter]) -> DataError:
+def _empty_step(cfg: SdpoConfig, t: int, loaded: list[LoadedSource], counts: dict[str, Counter],
+                where: str) -> DataError:
     """Step t got no pair: name the config file, the key, and (natural) the source files whose pairs all dropped."""
-    where = config_file(cfg)
     if cfg.split.strategy != "natural":
         total = sum(c["kept"] for c in counts.values())
         return DataError(f"{where}: split.fractions: step {t} has no rows ({total} pairs cut by "
@@ -131,14 +133,14 @@ def _cut(items: list, fractions: list[float]) -> list[list]:
     return [items[a:b] for a, b in zip(bounds, bounds[1:])]
 
 
-def _assign(cfg: SdpoConfig, pools: dict[str, list[dict]], tok, bar) -> list[list[dict]]:
+def _assign(cfg: SdpoConfig, pools: dict[str, list[dict]], tok, bar, ctx: RunContext) -> list[list[dict]]:
     rng = random.Random(cfg.seed)
     strategy, fractions = cfg.split.strategy, cfg.split.fractions
     if strategy == "natural":
         plan = cfg.split.steps or [[s.name] for s in cfg.data.sources]
         unused = [n for n in pools if not any(n in step for step in plan)]
         if unused:
-            console.warn(f"split: source(s) {unused} are not in any step of split.steps")
+            ctx.warn(f"split: source(s) {unused} are not in any step of split.steps")
         return [[row for name in step for row in pools[name]] for step in plan]
     if strategy == "stratified":
         steps: list[list[dict]] = [[] for _ in fractions]
@@ -155,25 +157,27 @@ def _assign(cfg: SdpoConfig, pools: dict[str, list[dict]], tok, bar) -> list[lis
         rng.shuffle(pooled)
         return _cut(pooled, fractions)
     # curriculum: γ under the base model S, easy (high γ) first
-    gammas = _base_gammas(cfg, pooled, tok, bar)
+    gammas = _base_gammas(cfg, pooled, tok, bar, ctx)
     for row, g in zip(pooled, gammas):
         row["gamma_base"] = g
     order = sorted(range(len(pooled)), key=lambda i: -gammas[i])
     return _cut([pooled[i] for i in order], fractions)
 
 
-def _base_gammas(cfg: SdpoConfig, pairs: list[dict], tok, bar) -> list[float]:
+def _base_gammas(cfg: SdpoConfig, pairs: list[dict], tok, bar, ctx: RunContext) -> list[float]:
     from accelerate import Accelerator
 
-    from sdpo_cli.logprobs import resolve_layout, score_pairs
+    from sdpo_cli.collate import resolve_layout
     from sdpo_cli.models import disable_dropout, load_model
+    from sdpo_cli.scoring import score_pairs
 
     accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision)
     model = load_model(cfg.model).to(accelerator.device)
     disable_dropout(model)
-    chosen, rejected = score_pairs(model, pairs, tok.pad_token_id, cfg.inference.batch_size, accelerator.device,
-                                   accelerator.autocast, bar, "curriculum: γ under base",
-                                   resolve_layout(cfg.train.layout, model, cfg.data.max_length))
+    chosen, rejected = score_pairs(model, pairs, pad_id=tok.pad_token_id, batch_size=cfg.inference.batch_size,
+                                   device=accelerator.device, autocast=accelerator.autocast, progress=bar,
+                                   description="curriculum: γ under base",
+                                   layout=resolve_layout(cfg.train.layout, model, cfg.data.max_length, warn=ctx.warn))
     return [c - r for c, r in zip(chosen, rejected)]
 
 
@@ -188,7 +192,8 @@ def _overlap(steps: list[list[dict]]) -> dict:
             "prompts_in_several_steps": sum(len(s) > 1 for s in prompt_steps.values())}
 
 
-def _print_table(cfg: SdpoConfig, steps: list[list[dict]], counts: dict[str, Counter], overlap: dict) -> None:
+def _print_table(cfg: SdpoConfig, steps: list[list[dict]], counts: dict[str, Counter], overlap: dict,
+                 ctx: RunContext) -> None:
     names = list(counts)
     table = Table(title=f"sDPO steps ({cfg.split.strategy})", title_justify="left")
     table.add_column("step")
@@ -198,10 +203,10 @@ def _print_table(cfg: SdpoConfig, steps: list[list[dict]], counts: dict[str, Cou
     for t, rows in enumerate(steps, start=1):
         per = Counter(r["source"] for r in rows)
         table.add_row(f"D_{t}", *[str(per.get(n, 0)) for n in names], str(len(rows)))
-    console.console.print(table)
+    ctx.err.print(table)
     for name, c in counts.items():
         skipped = {k: v for k, v in c.items() if k not in ("read", "kept", "truncated", "dropped_too_long") and v}
-        console.info(f"  {name}: read {c['read']}, kept {c['kept']}, truncated {c['truncated']}, "
+        ctx.info(f"  {name}: read {c['read']}, kept {c['kept']}, truncated {c['truncated']}, "
                      f"dropped (too long) {c['dropped_too_long']}" + (f", skipped {skipped}" if skipped else ""))
-    console.info(f"  pairs in more than one step: {overlap['pairs_in_several_steps']}; "
+    ctx.info(f"  pairs in more than one step: {overlap['pairs_in_several_steps']}; "
                  f"prompts in more than one step: {overlap['prompts_in_several_steps']}")

@@ -512,17 +512,20 @@ def test_real_ultrafeedback_fixture(shared_fixtures):
         assert pair["template"] == "chat"
 
 
-def test_tokenizer_is_loaded_once_per_process_until_its_files_change(tiny_model_dir, tmp_path):
+def test_tokenizer_is_loaded_once_per_run_context(tiny_model_dir, tmp_path):
+    """One command (one RunContext) loads the base tokenizer once for all its stages; a new command loads it anew,
+    so rewritten tokenizer files are read again (there is no process-wide cache any more)."""
     import shutil
 
     from sdpo_cli.config import ModelConfig
-    from sdpo_cli.models import load_tokenizer
+    from sdpo_cli.context import RunContext
 
     folder = tmp_path / "model"
     shutil.copytree(tiny_model_dir, folder)
     cfg = ModelConfig(base=str(folder))
-    first = load_tokenizer(cfg)
-    assert load_tokenizer(cfg) is first
-    assert load_tokenizer(ModelConfig(base=str(folder), chat_template="chatml")) is not first  # other settings
-    first.save_pretrained(str(folder))  # rewritten files: read again
-    assert load_tokenizer(cfg) is not first
+    ctx = RunContext()
+    first = ctx.tokenizer(cfg)
+    assert ctx.tokenizer(cfg) is first
+    assert ctx.tokenizer(ModelConfig(base=str(folder), chat_template="chatml")) is not first  # other settings
+    first.save_pretrained(str(folder))  # rewritten files: the next command reads them again
+    assert RunContext().tokenizer(cfg) is not first

@@ -6,8 +6,8 @@ every command. docs/reliability.md maps each case to its test here.
 
 Every mistake here is caught before a model is loaded (config mistakes before the tokenizer too). The cases run in
 this process through `cli.main()`, the console script's entry point (the same parsing, Error/Hint lines and exit
-codes; a subprocess would add seconds of imports per case on a 2-core machine); the SDPO_DEBUG and --help tests
-start the real script."""
+codes; a subprocess would add seconds of imports per case on a 2-core machine); the SDPO_DEBUG test starts the real
+script. `--help` of every command: tests/test_help.py."""
 
 from __future__ import annotations
 
@@ -29,19 +29,15 @@ from tests.conftest import run_cli, set_dotted, tiny_pairs, write_jsonl
 def run_in_process(*args: str) -> subprocess.CompletedProcess:
     """`sdpo ARGS` through cli.main() in this process: its exit code, stdout and stderr as the script gives them; an
     exception that escapes main() is printed to stderr as a traceback, as Python would, with exit code 1."""
-    from rich.console import Console
-
-    from sdpo_cli import cli, console
+    from sdpo_cli import cli
 
     out, err, code = io.StringIO(), io.StringIO(), 0
     with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         mp.setattr(sys, "argv", ["sdpo", *args])
-        # console.stdout keeps the sys.stdout of import time: follow the redirected one instead
-        mp.setattr(console, "stdout", Console(highlight=False, soft_wrap=True))
         mp.delenv("SDPO_DEBUG", raising=False)
-        for key in ("TOKENIZERS_PARALLELISM", "HF_DATASETS_DISABLE_PROGRESS_BARS", "TRANSFORMERS_VERBOSITY"):
-            mp.setenv(key, {"TOKENIZERS_PARALLELISM": "false", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
-                            "TRANSFORMERS_VERBOSITY": "error"}[key])  # what main() sets, undone afterwards
+        for key, value in {"TOKENIZERS_PARALLELISM": "false", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
+                           "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}.items():
+            mp.setenv(key, value)  # what main() sets, undone afterwards
         try:
             cli.main()
         except SystemExit as e:
@@ -312,26 +308,6 @@ def test_debug_shows_the_traceback(tmp_path, tiny_model_dir):
     assert "sdpo_cli.errors.ConfigError" in result.stderr and "unknown config key 'dpo.betta'" in result.stderr
 
 
-@pytest.mark.parametrize("command", ["split", "reflogp", "train", "run", "gamma"])
-def test_command_help_has_an_example(command):
-    result = run_cli(command, "--help")
-    assert result.returncode == 0, result.stderr
-    assert "Usage:" in result.stdout and "CONFIG" in result.stdout.upper()
-    assert f"Example: sdpo {command} configs/fixtures.yaml" in result.stdout
-
-
-def test_app_help_lists_the_commands():
-    result = run_cli("--help")
-    assert result.returncode == 0, result.stderr
-    assert "Usage:" in result.stdout
-    for command in ("split", "reflogp", "train", "run", "gamma"):
-        assert f"│ {command} " in result.stdout
-
-
-def test_app_help_has_an_example():
-    assert "Example: sdpo run configs/fixtures.yaml" in run_cli("--help").stdout
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Rows skipped or cut by policy (formats.py, tokenize.py): the split succeeds, and `sdpo split` reports each count on
 # stderr and in data/step-t/meta.json under "sources". One split of five sources, each with one kind of bad row.
@@ -517,7 +493,6 @@ def test_pickle_weights_and_remote_code_are_off_unless_allowed(tmp_path, tiny_mo
             return _original(klass, source, *args, **kwargs)
 
         monkeypatch.setattr(cls, "from_pretrained", classmethod(spy))
-    monkeypatch.setattr("sdpo_cli.models._TOKENIZERS", {})  # no tokenizer loaded earlier in this process
     load_tokenizer(ModelConfig(base=str(tiny_model_dir)))
     load_model(ModelConfig(base=str(tiny_model_dir)))
     assert seen["AutoTokenizer"]["trust_remote_code"] is False

@@ -11,15 +11,10 @@ import random
 import pytest
 import torch
 
-from sdpo_cli.logprobs import (
-    LengthGroupedBatchSampler,
-    collate_pairs,
-    completion_logps,
-    layout_unsupported,
-    length_grouped_batches,
-    pair_lengths,
-    score_pairs,
-)
+from sdpo_cli.batching import LengthGroupedBatchSampler, length_grouped_batches
+from sdpo_cli.collate import collate_pairs, layout_unsupported, pair_lengths
+from sdpo_cli.logprobs import completion_logps
+from sdpo_cli.scoring import score_pairs
 
 
 def random_pairs(vocab: int, n: int, seed: int = 0) -> list[dict]:
@@ -157,8 +152,8 @@ def test_score_pairs_reads_a_dataset_in_prefix_layout(tiny_model_dir):
     assert pair_lengths(table, "prefix") == pair_lengths(pairs, "prefix")
     assert pair_lengths(pairs, "prefix") == [len(p["prompt_ids"]) + len(p["chosen_ids"]) + len(p["rejected_ids"])
                                              for p in pairs]
-    assert score_pairs(model, table, 0, 4, "cpu", layout="prefix") == score_pairs(model, pairs, 0, 4, "cpu",
-                                                                                   layout="prefix")
+    assert score_pairs(model, table, pad_id=0, batch_size=4, device="cpu", layout="prefix") == score_pairs(
+        model, pairs, pad_id=0, batch_size=4, device="cpu", layout="prefix")
 
 
 def test_unsupported_attention_is_refused(tiny_model_dir):
@@ -288,7 +283,8 @@ def test_empty_prompt_is_refused(layout):
 
 
 def test_resolve_layout_falls_back_by_attention(tiny_model_dir):
-    from sdpo_cli.logprobs import _attention_inputs, resolve_layout
+    from sdpo_cli.collate import resolve_layout
+    from sdpo_cli.logprobs import _attention_inputs
 
     model = load(tiny_model_dir)
     assert resolve_layout("prefix", model) == "prefix"
@@ -351,7 +347,7 @@ def test_pair_logps_under_ddp_keeps_the_lean_path(tiny_model_dir, tmp_path):
 def test_compiled_blocks_give_the_same_log_probs_and_gradients(tiny_model_dir):
     from torch._dynamo.utils import counters
 
-    from sdpo_cli.logprobs import compile_blocks
+    from sdpo_cli.models import compile_blocks
 
     graphs_before = counters["stats"]["unique_graphs"]
     eager, compiled = load(tiny_model_dir), load(tiny_model_dir)

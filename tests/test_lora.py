@@ -8,12 +8,13 @@ import datasets
 import pytest
 import torch
 
-from sdpo_cli.logprobs import score_pairs
+from sdpo_cli.scoring import score_pairs
 from tests.conftest import run_cli
 
 peft = pytest.importorskip("peft")
 
 
+@pytest.mark.slow
 def test_lora_sdpo_two_steps(tiny_config, tiny_model_dir):
     from transformers import AutoModelForCausalLM
 

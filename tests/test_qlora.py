@@ -85,14 +85,15 @@ def test_quantized_loading_is_the_same_model_for_every_role(tiny_model_dir):
     assert isinstance(eight.model.layers[0].mlp.up_proj, bnb.nn.Linear8bitLt)
 
 
+@pytest.mark.slow
 def test_qlora_sdpo_two_steps(tiny_config, tiny_model_dir):
     pytest.importorskip("bitsandbytes")
     peft = pytest.importorskip("peft")
     import datasets
     from transformers import AutoModelForCausalLM
 
-    from sdpo_cli.logprobs import score_pairs
     from sdpo_cli.models import load_model
+    from sdpo_cli.scoring import score_pairs
 
     config, run = tiny_config(**QLORA)
     result = run_cli("run", str(config))

@@ -16,10 +16,11 @@ import json
 import pytest
 import torch
 
+from sdpo_cli.collate import collate_pairs
 from sdpo_cli.config import SourceConfig
 from sdpo_cli.data.formats import load_pairs
 from sdpo_cli.data.tokenize import tokenize_pair, tokenize_pairs, truncate
-from sdpo_cli.logprobs import collate_pairs, completion_logps
+from sdpo_cli.logprobs import completion_logps
 from sdpo_cli.loss import dpo_losses
 
 trl = pytest.importorskip("trl")

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from sdpo_cli.config import SourceConfig
-from sdpo_cli.errors import DataError
+from sdpo_cli.errors import DataError, first_line
 
 FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 
@@ -40,7 +40,7 @@ class LoadedSource:
     pairs: list[dict]
     rows_read: int
     skipped: Counter = field(default_factory=Counter)
-    format: str = ""
+    format: str = ""  # detected or configured; recorded in the split's meta.json
 
 
 class _Skip(Exception):
@@ -140,12 +140,12 @@ def _load_dataset(source: SourceConfig):
                     frame = pd.read_csv(path, dtype=str, keep_default_na=False, na_filter=False)
                     return datasets.Dataset.from_pandas(frame, preserve_index=False), where
                 return datasets.load_dataset(FILE_BUILDERS[path.suffix], data_files=str(path), split="train"), where
-            except Exception as e:  # pyarrow's parse errors carry no line number: find it ourselves
+            except _read_errors() as e:  # pyarrow's parse errors carry no line number: find it ourselves
                 if FILE_BUILDERS[path.suffix] == "json":
                     _raise_bad_json_line(path)
                 if isinstance(e, UnicodeDecodeError):
                     _raise_bad_utf8_line(path)
-                raise DataError(f"{where}: cannot read ({_first_line(e)})", hint="check the file's format") from None
+                raise DataError(f"{where}: cannot read ({first_line(e)})", hint="check the file's format") from None
         if path.is_dir():
             if (path / "dataset_dict.json").is_file():  # DatasetDict.save_to_disk: one folder per split
                 splits = sorted(json.loads((path / "dataset_dict.json").read_text()).get("splits", []))
@@ -163,13 +163,13 @@ def _load_dataset(source: SourceConfig):
     except DataError:
         raise
     except ValueError as e:
-        message = _first_line(e)
+        message = first_line(e)
         if "split" in message.lower():
             raise DataError(f"{where}: unknown split '{source.split}' ({message})",
                             hint="set data.sources[].split to a split the dataset has") from None
         raise DataError(f"{where}: cannot load ({message})", hint="check the source's path and subset") from None
-    except Exception as e:  # hub unreachable, offline mode, missing repo, ...
-        raise DataError(f"{where}: cannot load dataset ({type(e).__name__}: {_first_line(e)})",
+    except _load_errors() as e:  # hub unreachable, offline mode, missing repo, ...
+        raise DataError(f"{where}: cannot load dataset ({type(e).__name__}: {first_line(e)})",
                         hint="a hub id needs network access (or a warm HF cache); else use a local file") from None
 
 
@@ -217,8 +217,21 @@ def _raise_bad_json_line(path: Path) -> None:
     raise DataError(f"{path}: cannot parse as JSON rows", hint="rows must share the same keys and types")
 
 
-def _first_line(e: Exception) -> str:
-    return " ".join(str(e).strip().split("\n")[0].split())[:300]
+def _read_errors() -> tuple[type[BaseException], ...]:
+    """What reading a malformed local file raises: pyarrow / pandas parse errors (ValueError subclasses, bad UTF-8
+    included), datasets' wrapper around a failed JSON or parquet build, and I/O errors."""
+    from datasets.exceptions import DatasetsError
+
+    return ValueError, OSError, DatasetsError
+
+
+def _load_errors() -> tuple[type[BaseException], ...]:
+    """What loading a hub id or dataset folder raises when it cannot be had: the hub unreachable or offline
+    (OSError subclasses: ConnectionError, HfHubHTTPError, LocalEntryNotFoundError), a missing repo or config
+    (datasets' own errors)."""
+    from datasets.exceptions import DatasetsError
+
+    return OSError, DatasetsError
 
 
 # ---------------------------------------------------------------------------------------------------------------
