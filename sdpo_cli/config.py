@@ -1,39 +1,121 @@
 """The config schema: dataclass defaults < YAML file < `key=value` overrides on the command line.
 
 Run as: any `sdpo <command> CONFIG [key=value ...]`. The schema is an omegaconf structured config in struct mode, so an
-unknown key is an error that names it. Relative paths written in the YAML file (model, data sources) are resolved
-against the YAML file's folder; `run_dir` and paths given on the command line are resolved against the working
-directory. Every key is documented in docs/configs.md.
+unknown key is an error that names it, and a key with a fixed set of values has a `Choice` enum as its type, so a value
+outside it is an error that lists the allowed ones (each set is written once, in its enum). `load_config` collects
+every problem of a config (unknown keys, wrong types, missing values, then the per-section checks) and reports them in
+one `ConfigError`. It returns the dataclasses with plain `str` values, so the rest of the code, `to_yaml` and the
+fingerprints see the strings they always saw. Relative paths written in the YAML file (model, data sources) are
+resolved against the YAML file's folder; `run_dir` and paths given on the command line are resolved against the
+working directory. Every key is documented in docs/configs.md.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import importlib.util
 import math
 import re
+import typing
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
-from omegaconf.errors import (
-    ConfigAttributeError,
-    ConfigKeyError,
-    MissingMandatoryValue,
-    OmegaConfBaseException,
-    ValidationError,
-)
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 from yaml import YAMLError
 
 from sdpo_cli.errors import ConfigError
 
-LAYOUTS = ("prefix", "padded", "packed")  # train.layout: how pairs become token rows (sdpo_cli/logprobs.py)
 
-FORMATS = ("auto", "orca", "ultrafeedback", "argilla", "preference", "columns")
-STRATEGIES = ("natural", "stratified", "random", "curriculum")
-LOSSES = ("sigmoid", "robust", "hinge", "ipo")
-DTYPES = ("auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16")
-SCHEDULES = ("linear", "cosine", "constant", "constant_with_warmup")
-QUANTIZATIONS = ("4bit", "8bit")  # model.quantization (bitsandbytes)
+class Choice(str, Enum):
+    """A config value from a fixed set. Member names equal their values, so omegaconf accepts and prints `prefix`;
+    being a `str`, a member compares, hashes, formats and serialises as its value."""
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
+
+    @classmethod
+    def values(cls) -> tuple[str, ...]:
+        return tuple(member.value for member in cls)
+
+
+class DType(Choice):  # model.dtype: the weights' dtype (`auto`: the checkpoint's); fp32, bf16, fp16 are aliases
+    auto = "auto"
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+    @property
+    def torch_name(self) -> str:
+        """The name of the torch dtype ('bf16' -> 'bfloat16'); `auto` stays `auto`."""
+        return {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}.get(self.value, self.value)
+
+
+class Format(Choice):  # data.sources[].format: how rows become pairs (sdpo_cli/data/formats.py)
+    auto = "auto"
+    orca = "orca"
+    ultrafeedback = "ultrafeedback"
+    argilla = "argilla"
+    preference = "preference"
+    columns = "columns"
+
+
+class Strategy(Choice):  # split.strategy: how pairs are cut into steps (sdpo_cli/split.py)
+    natural = "natural"
+    stratified = "stratified"
+    random = "random"
+    curriculum = "curriculum"
+
+
+class Loss(Choice):  # dpo.loss (sdpo_cli/loss.py)
+    sigmoid = "sigmoid"
+    robust = "robust"
+    hinge = "hinge"
+    ipo = "ipo"
+
+
+class Start(Choice):  # dpo.target_init: the model the target of step t starts from (and dpo.reference's keywords)
+    previous = "previous"  # M_{t-1}
+    base = "base"  # S
+
+
+class Schedule(Choice):  # train.lr_schedule: the transformers schedulers
+    linear = "linear"
+    cosine = "cosine"
+    constant = "constant"
+    constant_with_warmup = "constant_with_warmup"
+
+
+class MixedPrecision(Choice):  # train.mixed_precision: accelerate autocast; weights stay in model.dtype
+    no = "no"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+class Layout(Choice):  # train.layout: how pairs become token rows (sdpo_cli/collate.py)
+    prefix = "prefix"  # prompt computed once for chosen and rejected
+    padded = "padded"  # TRL's: one row per completion
+    packed = "packed"  # the batch's sequences back to back, no padding
+
+
+# The allowed values as tuples of plain strings, for the modules that check or list them.
+DTYPES = DType.values()
+FORMATS = Format.values()
+STRATEGIES = Strategy.values()
+LOSSES = Loss.values()
+STARTS = Start.values()
+SCHEDULES = Schedule.values()
+MIXED_PRECISIONS = MixedPrecision.values()
+LAYOUTS = Layout.values()
+QUANTIZATIONS = ("4bit", "8bit")  # model.quantization (bitsandbytes): not identifiers, so a str checked by the schema
 
 
 @dataclass
@@ -42,7 +124,7 @@ class SourceConfig:
     path: str = MISSING  # hub id, local dataset folder, or .jsonl/.json/.parquet/.csv file
     split: str = "train"  # dataset split (hub ids and folders); ignored for single files
     subset: Optional[str] = None  # hub dataset configuration name, if any
-    format: str = "auto"  # auto | orca | ultrafeedback | argilla | preference | columns
+    format: Format = Format.auto  # `auto` detects it from the column names
     limit: Optional[int] = None  # keep only the first N rows
     columns: Optional[Dict[str, str]] = None  # format=columns: {prompt, chosen, rejected, system} -> column names
 
@@ -51,14 +133,14 @@ class SourceConfig:
 class ModelConfig:
     base: str = MISSING  # the SFT model S = M_0: hub id or local folder
     revision: Optional[str] = None
-    dtype: str = "float32"  # float32 | bfloat16 | float16 | auto (the checkpoint's dtype); see docs/configs.md
+    dtype: DType = DType.float32  # see docs/configs.md: keep float32 for training
     attn_implementation: Optional[str] = "sdpa"  # sdpa | eager | flash_attention_2 | None (transformers default)
     chat_template: Optional[str] = None  # Jinja string or solar|chatml|zephyr; replaces the tokenizer's own if set
     # (a tokenizer without a template gets the built-in solar one)
     pad_token: Optional[str] = None  # used when the tokenizer has none; default: unk, else eos
     trust_remote_code: bool = False
     allow_pickle: bool = False  # load .bin/.pt checkpoints (pickle); safetensors only by default
-    quantization: Optional[str] = None  # None | 4bit (NF4, QLoRA) | 8bit: bitsandbytes, for every role; needs peft
+    quantization: Optional[str] = None  # None or one of QUANTIZATIONS (NF4 QLoRA, LLM.int8), for every role; needs peft
 
 
 @dataclass
@@ -71,7 +153,7 @@ class DataConfig:
 
 @dataclass
 class SplitConfig:
-    strategy: str = "natural"  # natural | stratified | random | curriculum
+    strategy: Strategy = Strategy.natural
     steps: Optional[List[List[str]]] = None  # natural: source names per step; default one step per source
     fractions: Optional[List[float]] = None  # stratified | random | curriculum: share of pairs per step
 
@@ -79,17 +161,17 @@ class SplitConfig:
 @dataclass
 class DPOConfig:
     beta: float = 0.1
-    loss: str = "sigmoid"  # sigmoid | robust | hinge | ipo
+    loss: Loss = Loss.sigmoid
     label_smoothing: float = 0.0  # ε: cDPO for sigmoid, robust DPO for robust
     nll_weight: float = 0.0  # weight of an added NLL term on the chosen completions (RPO); 0 = off
-    reference: str = "previous"  # previous (M_{t-1}) | base (S) | a path or hub id
-    target_init: str = "previous"  # previous (M_{t-1}) | base (S)
+    reference: str = Start.previous.value  # a Start (previous: M_{t-1}, base: S) or a path or hub id
+    target_init: Start = Start.previous
 
 
 @dataclass
 class TrainConfig:
     learning_rate: float = 5.0e-7  # Zephyr / the sDPO paper
-    lr_schedule: str = "linear"  # linear | cosine | constant | constant_with_warmup
+    lr_schedule: Schedule = Schedule.linear
     warmup_ratio: float = 0.1  # share of the step's updates spent warming up
     epochs: float = 1.0
     max_updates: Optional[int] = None  # if set, stop after this many optimizer updates (overrides epochs)
@@ -100,11 +182,11 @@ class TrainConfig:
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_epsilon: float = 1.0e-8
-    mixed_precision: str = "no"  # no | bf16 | fp16 (accelerate autocast; weights stay in model.dtype)
+    mixed_precision: MixedPrecision = MixedPrecision.no  # accelerate autocast; weights stay in model.dtype
     gradient_checkpointing: bool = False
     disable_dropout: bool = True  # as TRL: dropout would make the ln 2 check and the reference pass noisy
     shuffle: bool = True
-    layout: str = "prefix"  # prefix (prompt computed once for chosen and rejected) | padded (TRL's) | packed (no pad)
+    layout: Layout = Layout.prefix  # see Layout and docs/performance.md
     compile: bool = False  # torch.compile each transformer block (regional, dynamic shapes); pays off on GPUs
     group_by_length: bool = True  # batches of similar length (shuffled within mega-batches), less padding
     logging_every: int = 10  # updates between metric lines; update 0 is always logged
@@ -151,9 +233,78 @@ class SdpoConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
+@dataclass
+class Problem:
+    """One thing wrong with a config: `key: text` (or `text` alone where it names the key itself) and a hint. `origin`
+    names the command-line override it came from where that, not the config file, is the place to fix it."""
+
+    key: str
+    text: str
+    hint: str
+    origin: Optional[str] = None  # "override 'dpo.betta=0.2'"
+    keyed: bool = True  # False: `text` names the key itself ("unknown config key 'dpo.betta'")
+    refused: bool = False  # the value was refused, so the schema's default stands in for it
+
+    @property
+    def body(self) -> str:
+        return f"{self.key}: {self.text}" if self.keyed else self.text
+
+    @property
+    def section(self) -> str:
+        """The config section the key is in: `train` for train.layout."""
+        return re.split(r"[.\[]", self.key, maxsplit=1)[0]
+
+
+def report(where: str, problems: List[Problem]) -> ConfigError:
+    """One ConfigError for all `problems` (at least one) of the config file `where`. One problem reads
+    `<where>: <key>: <problem>` with its hint; several read `<where>: N problems: <key>: <problem>; <key>: ...`, and the
+    hint line gives each one's hint after its key."""
+    if len(problems) == 1:
+        return ConfigError(f"{problems[0].origin or where}: {problems[0].body}", hint=problems[0].hint)
+    lines = [f"{p.origin}: {p.body}" if p.origin else p.body for p in problems]
+    hints = dict.fromkeys(f"{p.key}: {p.hint}" for p in problems if p.hint)  # in order, each once
+    return ConfigError(f"{where}: {len(problems)} problems: " + "; ".join(lines), hint="; ".join(hints))
+
+
 def load_config(path: Path | str, overrides: list[str] | None = None) -> SdpoConfig:
-    """Merge defaults, the YAML file and dotlist overrides; validate; return a typed `SdpoConfig`."""
-    path = Path(path)
+    """Merge defaults, the YAML file and dotlist overrides; validate; return a typed `SdpoConfig` with plain str values.
+    Every problem found is reported in one ConfigError (exit code 2)."""
+    path, where = Path(path), str(path)
+    file_cfg = _read(path)
+    _resolve_paths(file_cfg, path.resolve().parent)
+    for item in overrides or []:  # a malformed command line, before anything else
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not key=value", hint="e.g. sdpo run CONFIG dpo.beta=0.2")
+
+    problems: List[Problem] = []
+    data = file_cfg.get("data")
+    sources = data.get("sources") if isinstance(data, DictConfig) else None
+    for i, source in enumerate(sources if isinstance(sources, ListConfig) else []):
+        if isinstance(source, DictConfig):  # alone, so that a problem keeps its index (omegaconf drops it in lists)
+            _merge_dropping(OmegaConf.structured(SourceConfig), source, where, problems, item=f"data.sources.{i}.")
+    cfg = _merge_dropping(OmegaConf.structured(SdpoConfig), file_cfg, where, problems)
+    for item in overrides or []:
+        try:
+            cfg.merge_with_dotlist([item])
+        except OmegaConfBaseException as e:
+            problems.append(_problem(e, origin=f"override {item!r}"))
+
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    problems += [Problem(k, f"missing value for key '{k}'", f"set it: {_dotted(k)}=...", keyed=False) for k in missing]
+    if missing:
+        raise report(where, problems)
+    try:
+        obj: SdpoConfig = _plain(OmegaConf.to_object(cfg))
+    except OmegaConfBaseException as e:
+        raise report(where, [*problems, _problem(e)]) from None
+    problems += config_problems(obj, skip={p.section for p in problems if p.refused})
+    if problems:
+        raise report(where, problems)
+    obj.run_dir = str(Path(obj.run_dir).expanduser().resolve())  # relative to the working directory
+    return obj
+
+
+def _read(path: Path) -> DictConfig:
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found", hint="ls configs/  # e.g. sdpo run configs/fixtures.yaml")
     try:
@@ -162,54 +313,99 @@ def load_config(path: Path | str, overrides: list[str] | None = None) -> SdpoCon
         raise ConfigError(f"{path}: not valid YAML: {_one_line(e)}", hint="check the file's indentation") from None
     if not isinstance(file_cfg, DictConfig):
         raise ConfigError(f"{path}: expected a mapping of keys at the top level", hint="see configs/fixtures.yaml")
-    _resolve_paths(file_cfg, path.resolve().parent)
+    return file_cfg
 
-    schema = OmegaConf.structured(SdpoConfig)
-    try:
-        cfg = OmegaConf.merge(schema, file_cfg)
-    except OmegaConfBaseException as e:
-        raise _config_error(str(path), e) from None
-    for item in overrides or []:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} is not key=value", hint="e.g. sdpo run CONFIG dpo.beta=0.2")
+
+def _merge_dropping(schema: DictConfig, node: DictConfig, where: str, problems: List[Problem], item: str = ""):
+    """`schema` merged with `node`. A key that omegaconf refuses (unknown, wrong type, not one of its Choice) becomes a
+    Problem and is dropped from `node`, and the merge is tried again, so that every such key is reported at once.
+    `item`: the key prefix of `node` when it is a list item ('data.sources.0.')."""
+    while True:
         try:
-            cfg.merge_with_dotlist([item])
+            return OmegaConf.merge(schema, node)
         except OmegaConfBaseException as e:
-            raise _config_error(f"override {item!r}", e) from None
-    try:
-        obj: SdpoConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
-    except MissingMandatoryValue as e:
-        raise ConfigError(f"{path}: missing value for key '{e.full_key}'", hint=f"set it: {e.full_key}=...") from None
-    except OmegaConfBaseException as e:
-        raise _config_error(str(path), e) from None
-    validate(obj, where=str(path))
-    obj.run_dir = str(Path(obj.run_dir).expanduser().resolve())  # relative to the working directory
-    obj._file = str(path)  # for messages about keys found wrong later (not a config key: not saved, not hashed)
-    return obj
+            problem = _problem(e, item=item)
+            if not _drop(node, str(getattr(e, "full_key", None) or "")):  # not a key of `node`: report what we have
+                raise report(where, [*problems, problem]) from None
+            problems.append(problem)
 
 
-def config_file(cfg: SdpoConfig) -> str:
-    """The YAML file `cfg` was loaded from, to name it in an error about one of its keys."""
-    return getattr(cfg, "_file", "config")
+def _drop(node: DictConfig, key: str) -> bool:
+    """Delete the dotted `key` from `node`; False if it is not there (or not under mappings only)."""
+    *parents, last = _dotted(key).split(".")
+    for part in parents:
+        if not isinstance(node, DictConfig) or part not in node:
+            return False
+        node = node[part]
+    if not isinstance(node, DictConfig) or last not in node:
+        return False
+    del node[last]
+    return True
+
+
+def _dotted(key: str) -> str:
+    """omegaconf's 'data.sources[1].format' as the dotlist key a user writes: 'data.sources.1.format'."""
+    return re.sub(r"\[(\d+)\]", r".\1", key)
 
 
 def _one_line(e: Exception) -> str:
     return " ".join(str(e).split("\n")[0].split())
 
 
-def _config_error(where: str, e: OmegaConfBaseException) -> ConfigError:
-    key = getattr(e, "full_key", None) or ""
+def _problem(e: OmegaConfBaseException, origin: Optional[str] = None, item: str = "") -> Problem:
+    """omegaconf's error as a Problem. A value outside its Choice is reported as the section checks would (`<key>:
+    unknown <what> '<value>'`, with the allowed values), and against the file even when an override set it."""
+    key = str(getattr(e, "full_key", None) or "")
     # An unknown key is a ConfigKeyError from the YAML merge but a ConfigAttributeError from a dotlist override.
     if isinstance(e, (ConfigKeyError, ConfigAttributeError)):
         if "." not in key and getattr(getattr(e, "object_type", None), "__name__", "") == "SourceConfig":
             key = f"data.sources[].{key}"  # omegaconf drops the path of keys inside list items
         hint = "valid keys are listed in docs/configs.md"
         suggestion = re.search(r"Did you mean([^?]*)\?", str(e))  # omegaconf's "Did you mean: 'beta'?"
-        return ConfigError(f"{where}: unknown config key '{key}'",
-                           hint=f"did you mean{suggestion.group(1)}? {hint}" if suggestion else hint)
+        return Problem(key, f"unknown config key '{key}'",
+                       f"did you mean{suggestion.group(1)}? {hint}" if suggestion else hint, origin, keyed=False)
+    key = item + key
+    choice = _choice_of(getattr(e, "object_type", None), getattr(e, "key", None))
+    if isinstance(e, ValidationError) and choice is not None:
+        return dataclasses.replace(_choice_problem(_dotted(key), choice, getattr(e, "value", None)), refused=True)
     if isinstance(e, ValidationError):
-        return ConfigError(f"{where}: bad value for '{key}': {_one_line(e)}", hint="see docs/configs.md for its type")
-    return ConfigError(f"{where}: {_one_line(e)}", hint="see docs/configs.md")
+        return Problem(key, f"bad value for '{key}': {_one_line(e)}", "see docs/configs.md for its type", origin,
+                       keyed=False, refused=True)
+    return Problem(key, _one_line(e), "see docs/configs.md", origin, keyed=False)
+
+
+_NOUNS = {DType: "dtype", Format: "format", Strategy: "strategy", Loss: "loss", Schedule: "schedule", Layout: "layout"}
+
+
+def _choice_problem(key: str, choice: type[Choice], value: Any) -> Problem:
+    text = "cannot be null" if value is None else f"unknown {_NOUNS.get(choice, 'value')} {str(value)!r}"
+    hint = "use one of " + " | ".join(choice.values())
+    if isinstance(value, bool):  # YAML (and a dotlist override) reads a bare no / off as false
+        hint += " (quoted: YAML reads a bare no as false)"
+    return Problem(key, text, hint)
+
+
+def _choice_of(schema: Any, name: Any) -> Optional[type[Choice]]:
+    """The Choice enum that is the type of field `name` of dataclass `schema`, if it is one."""
+    if not (isinstance(schema, type) and dataclasses.is_dataclass(schema) and isinstance(name, str)):
+        return None
+    kind = typing.get_type_hints(schema).get(name)
+    return kind if isinstance(kind, type) and issubclass(kind, Choice) else None
+
+
+def _plain(obj: Any) -> Any:
+    """`obj` (a dataclass tree from OmegaConf.to_object) with every Choice member replaced by its plain str value."""
+    if isinstance(obj, Enum):
+        return obj.value
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        for f in dataclasses.fields(obj):
+            setattr(obj, f.name, _plain(getattr(obj, f.name)))
+        return obj
+    if isinstance(obj, list):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    return obj
 
 
 def _looks_like_path(value: str) -> bool:
@@ -234,7 +430,7 @@ def _resolve_paths(file_cfg: DictConfig, base: Path) -> None:
     if isinstance(model, DictConfig) and "base" in model:
         model.base = _resolve(model.base, base)
     dpo = file_cfg.get("dpo")
-    if isinstance(dpo, DictConfig) and dpo.get("reference") not in (None, "previous", "base"):
+    if isinstance(dpo, DictConfig) and dpo.get("reference") not in (None, *STARTS):
         dpo.reference = _resolve(dpo.reference, base)
     evaluation = file_cfg.get("eval")
     if isinstance(evaluation, DictConfig) and isinstance(evaluation.get("tasks"), ListConfig):
@@ -279,123 +475,189 @@ def resolve_task_path(spec: Any, base: Path) -> Any:
 
 
 def validate(cfg: SdpoConfig, where: str = "config") -> None:
-    """Cross-field checks that a schema cannot express. Raises ConfigError naming the key."""
+    """The checks a schema cannot express, on a config built by hand. Raises one ConfigError naming every problem."""
+    problems = config_problems(cfg)
+    if problems:
+        raise report(where, problems)
 
-    def bad(key: str, message: str, hint: str) -> ConfigError:
-        return ConfigError(f"{where}: {key}: {message}", hint=hint)
 
-    if cfg.model.dtype not in DTYPES:
-        raise bad("model.dtype", f"unknown dtype {cfg.model.dtype!r}", "use one of " + " | ".join(DTYPES[:4]))
-    if not cfg.data.sources:
-        raise bad("data.sources", "no data sources", "add at least one {name, path} under data.sources")
-    names = [s.name for s in cfg.data.sources]
+def config_problems(cfg: SdpoConfig, skip: typing.Collection[str] = ()) -> List[Problem]:
+    """Every problem of `cfg`, section by section; a section's checks are skipped if it (or a section they read) is in
+    `skip`, the sections that already have a problem (their refused values were dropped, so their checks would judge
+    defaults)."""
+    problems = _choice_problems(cfg)  # none after load_config: omegaconf checked them
+    for sections, check in _CHECKS:
+        if not skip or not set(sections) & set(skip):
+            problems += check(cfg)
+    return problems
+
+
+def _choice_problems(obj: Any, prefix: str = "") -> List[Problem]:
+    """The Choice-typed values of a hand-built dataclass tree that are not one of their choices."""
+    problems = []
+    for f in dataclasses.fields(obj):
+        value, key = getattr(obj, f.name), f"{prefix}{f.name}"
+        choice = _choice_of(type(obj), f.name)
+        if choice is not None and value not in choice.values():
+            problems.append(_choice_problem(key, choice, value))
+        for i, item in enumerate(value if isinstance(value, list) else [value]):
+            if dataclasses.is_dataclass(item):
+                problems += _choice_problems(item, f"{key}.{i}." if isinstance(value, list) else f"{key}.")
+    return problems
+
+
+def _model_problems(cfg: SdpoConfig) -> List[Problem]:
+    quantization, problems = cfg.model.quantization, []
+    if quantization is None:
+        return problems
+    if quantization not in QUANTIZATIONS:
+        return [Problem("model.quantization", f"unknown value {quantization!r}",
+                        f"use one of {' | '.join(QUANTIZATIONS)} | null")]
+    if not cfg.peft.enabled:
+        problems.append(Problem("model.quantization", "a quantized model can only be trained through a LoRA adapter "
+                                "(QLoRA)", "set peft.enabled=true, or model.quantization=null for full fine-tuning"))
+    if importlib.util.find_spec("bitsandbytes") is None:
+        problems.append(Problem("model.quantization", "the bitsandbytes package is not installed",
+                                "pip install 'sdpo[qlora]'  # or set model.quantization=null"))
+    return problems
+
+
+def _data_problems(cfg: SdpoConfig) -> List[Problem]:
+    data, problems = cfg.data, []
+    if not data.sources:
+        problems.append(Problem("data.sources", "no data sources", "add at least one {name, path} under data.sources"))
+    names = [s.name for s in data.sources]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
-        raise bad("data.sources", f"duplicate source name(s) {dupes}", "give every source its own name")
-    for i, source in enumerate(cfg.data.sources + ([cfg.data.eval] if cfg.data.eval else [])):
-        key = f"data.sources.{i}" if i < len(cfg.data.sources) else "data.eval"
-        if source.format not in FORMATS:
-            raise bad(f"{key}.format", f"unknown format {source.format!r}", "use one of " + " | ".join(FORMATS))
-        if source.format == "columns" and not source.columns:
-            raise bad(f"{key}.columns", "format 'columns' needs a column mapping", "e.g. columns: {prompt: q, ...}")
+        problems.append(Problem("data.sources", f"duplicate source name(s) {dupes}", "give every source its own name"))
+    for i, source in enumerate(data.sources + ([data.eval] if data.eval else [])):
+        key = f"data.sources.{i}" if i < len(data.sources) else "data.eval"
+        if source.format == Format.columns and not source.columns:
+            problems.append(Problem(f"{key}.columns", "format 'columns' needs a column mapping",
+                                    "e.g. columns: {prompt: q, ...}"))
         if source.limit is not None and source.limit < 1:
-            raise bad(f"{key}.limit", "must be at least 1", "remove it to use every row")
-    if cfg.data.max_length < 2:
-        raise bad("data.max_length", "must be at least 2", "e.g. data.max_length=1024")
-    mpl = cfg.data.max_prompt_length
-    if mpl is not None and not 1 <= mpl < cfg.data.max_length:
-        raise bad("data.max_prompt_length", f"{mpl} must be between 1 and data.max_length - 1", "or set it to null")
+            problems.append(Problem(f"{key}.limit", "must be at least 1", "remove it to use every row"))
+    if data.max_length < 2:
+        problems.append(Problem("data.max_length", "must be at least 2", "e.g. data.max_length=1024"))
+    mpl = data.max_prompt_length
+    if mpl is not None and not 1 <= mpl < data.max_length:
+        problems.append(Problem("data.max_prompt_length", f"{mpl} must be between 1 and data.max_length - 1",
+                                "or set it to null"))
+    return problems
 
-    strategy = cfg.split.strategy
-    if strategy not in STRATEGIES:
-        raise bad("split.strategy", f"unknown strategy {strategy!r}", "use one of " + " | ".join(STRATEGIES))
-    if strategy == "natural":
-        for t, step in enumerate(cfg.split.steps or [], start=1):
+
+def _split_problems(cfg: SdpoConfig) -> List[Problem]:
+    split, problems = cfg.split, []
+    names = [s.name for s in cfg.data.sources]
+    if split.strategy == Strategy.natural:
+        for t, step in enumerate(split.steps or [], start=1):
             if not step:
-                raise bad("split.steps", f"step {t} lists no source", "e.g. split.steps=[[orca],[ultrafeedback]]")
-            for name in step:
-                if name not in names:
-                    raise bad("split.steps", f"step {t} names unknown source {name!r}", f"known sources: {names}")
-        if cfg.split.fractions is not None:
-            raise bad("split.fractions", "not used by strategy 'natural'", "remove it, or pick split.strategy=random")
-    else:
-        fr = cfg.split.fractions
-        if not fr:
-            raise bad("split.fractions", f"strategy {strategy!r} needs fractions", "e.g. split.fractions=[0.5,0.5]")
-        if any(f <= 0 for f in fr) or not math.isclose(sum(fr), 1.0, abs_tol=1e-6):
-            raise bad("split.fractions", f"{list(fr)} must be positive and sum to 1", "e.g. [0.1667, 0.8333]")
-        if cfg.split.steps is not None:
-            raise bad("split.steps", f"only used by strategy 'natural', not {strategy!r}", "remove split.steps")
+                problems.append(Problem("split.steps", f"step {t} lists no source",
+                                        "e.g. split.steps=[[orca],[ultrafeedback]]"))
+            problems += [Problem("split.steps", f"step {t} names unknown source {name!r}", f"known sources: {names}")
+                         for name in step if name not in names]
+        if split.fractions is not None:
+            problems.append(Problem("split.fractions", "not used by strategy 'natural'",
+                                    "remove it, or pick split.strategy=random"))
+        return problems
+    fractions, strategy = split.fractions, str(split.strategy)
+    if not fractions:
+        problems.append(Problem("split.fractions", f"strategy {strategy!r} needs fractions",
+                                "e.g. split.fractions=[0.5,0.5]"))
+    elif any(f <= 0 for f in fractions) or not math.isclose(sum(fractions), 1.0, abs_tol=1e-6):
+        problems.append(Problem("split.fractions", f"{list(fractions)} must be positive and sum to 1",
+                                "e.g. [0.1667, 0.8333]"))
+    if split.steps is not None:
+        problems.append(Problem("split.steps", f"only used by strategy 'natural', not {strategy!r}",
+                                "remove split.steps"))
+    return problems
 
-    if cfg.dpo.loss not in LOSSES:
-        raise bad("dpo.loss", f"unknown loss {cfg.dpo.loss!r}", "use one of " + " | ".join(LOSSES))
-    if cfg.dpo.beta <= 0:
-        raise bad("dpo.beta", "must be positive", "the paper uses 0.1")
-    if not 0 <= cfg.dpo.label_smoothing < 0.5:
-        raise bad("dpo.label_smoothing", "must be in [0, 0.5)", "0 is plain DPO")
-    if cfg.dpo.target_init not in ("previous", "base"):
-        raise bad("dpo.target_init", f"unknown value {cfg.dpo.target_init!r}", "use previous | base")
-    if not cfg.dpo.reference:
-        raise bad("dpo.reference", "empty", "use previous | base | a model path")
 
-    tr = cfg.train
-    if tr.lr_schedule not in SCHEDULES:
-        raise bad("train.lr_schedule", f"unknown schedule {tr.lr_schedule!r}", "use one of " + " | ".join(SCHEDULES))
-    if tr.layout not in LAYOUTS:
-        raise bad("train.layout", f"unknown layout {tr.layout!r}", f"use {' | '.join(LAYOUTS)}")
-    if tr.mixed_precision not in ("no", "bf16", "fp16"):
-        raise bad("train.mixed_precision", f"unknown value {tr.mixed_precision!r}", "use no | bf16 | fp16")
-    for key, value in (("per_device_batch_size", tr.per_device_batch_size),
-                       ("gradient_accumulation", tr.gradient_accumulation), ("logging_every", tr.logging_every)):
-        if value < 1:
-            raise bad(f"train.{key}", "must be at least 1", f"e.g. train.{key}=1")
-    if tr.save_every < 0:
-        raise bad("train.save_every", "must be 0 (off) or positive", "e.g. train.save_every=500")
-    if tr.max_updates is not None and tr.max_updates < 1:
-        raise bad("train.max_updates", "must be at least 1", "or null to train for train.epochs")
-    if tr.epochs <= 0:
-        raise bad("train.epochs", "must be positive", "e.g. train.epochs=1")
-    if not 0 <= tr.warmup_ratio < 1:
-        raise bad("train.warmup_ratio", "must be in [0, 1)", "e.g. 0.1")
+def _dpo_problems(cfg: SdpoConfig) -> List[Problem]:
+    dpo, problems = cfg.dpo, []
+    if dpo.beta <= 0:
+        problems.append(Problem("dpo.beta", "must be positive", "the paper uses 0.1"))
+    if not 0 <= dpo.label_smoothing < 0.5:
+        problems.append(Problem("dpo.label_smoothing", "must be in [0, 0.5)", "0 is plain DPO"))
+    if not dpo.reference:
+        problems.append(Problem("dpo.reference", "empty", f"use {' | '.join(STARTS)} | a model path"))
+    return problems
+
+
+def _train_problems(cfg: SdpoConfig) -> List[Problem]:
+    train, problems = cfg.train, []
+    for key in ("per_device_batch_size", "gradient_accumulation", "logging_every"):
+        if getattr(train, key) < 1:
+            problems.append(Problem(f"train.{key}", "must be at least 1", f"e.g. train.{key}=1"))
+    if train.save_every < 0:
+        problems.append(Problem("train.save_every", "must be 0 (off) or positive", "e.g. train.save_every=500"))
+    if train.max_updates is not None and train.max_updates < 1:
+        problems.append(Problem("train.max_updates", "must be at least 1", "or null to train for train.epochs"))
+    if train.epochs <= 0:
+        problems.append(Problem("train.epochs", "must be positive", "e.g. train.epochs=1"))
+    if not 0 <= train.warmup_ratio < 1:
+        problems.append(Problem("train.warmup_ratio", "must be in [0, 1)", "e.g. 0.1"))
+    return problems
+
+
+def _peft_problems(cfg: SdpoConfig) -> List[Problem]:
     if cfg.peft.enabled and (cfg.peft.r < 1 or cfg.peft.alpha <= 0):
-        raise bad("peft.r", "LoRA rank and alpha must be positive", "e.g. peft.r=16 peft.alpha=32")
-    if cfg.model.quantization is not None:
-        if cfg.model.quantization not in QUANTIZATIONS:
-            raise bad("model.quantization", f"unknown value {cfg.model.quantization!r}", "use 4bit | 8bit | null")
-        if not cfg.peft.enabled:
-            raise bad("model.quantization", "a quantized model can only be trained through a LoRA adapter (QLoRA)",
-                      "set peft.enabled=true, or model.quantization=null for full fine-tuning")
-        import importlib.util
+        return [Problem("peft.r", "LoRA rank and alpha must be positive", "e.g. peft.r=16 peft.alpha=32")]
+    return []
 
-        if importlib.util.find_spec("bitsandbytes") is None:
-            raise bad("model.quantization", "the bitsandbytes package is not installed",
-                      "pip install 'sdpo[qlora]'  # or set model.quantization=null")
+
+def _inference_problems(cfg: SdpoConfig) -> List[Problem]:
     if cfg.inference.batch_size < 1:
-        raise bad("inference.batch_size", "must be at least 1", "e.g. inference.batch_size=16")
-    validate_eval(cfg.eval.tasks, cfg.eval.limit, where)
+        return [Problem("inference.batch_size", "must be at least 1", "e.g. inference.batch_size=16")]
+    return []
+
+
+def _eval_problems(cfg: SdpoConfig) -> List[Problem]:
+    problems = eval_problems(cfg.eval.tasks, cfg.eval.limit)
     if cfg.eval.batch_size < 1:
-        raise bad("eval.batch_size", "must be at least 1", "e.g. eval.batch_size=8")
+        problems.append(Problem("eval.batch_size", "must be at least 1", "e.g. eval.batch_size=8"))
+    return problems
 
 
-def validate_eval(tasks: List[str], limit: Optional[int], where: str = "config", key: str = "eval.tasks") -> None:
+# (sections a check reads, the check), in the order problems are reported
+_CHECKS: tuple[tuple[tuple[str, ...], Callable[[SdpoConfig], List[Problem]]], ...] = (
+    (("model", "peft"), _model_problems),
+    (("data",), _data_problems),
+    (("split", "data"), _split_problems),
+    (("dpo",), _dpo_problems),
+    (("train",), _train_problems),
+    (("peft",), _peft_problems),
+    (("inference",), _inference_problems),
+    (("eval",), _eval_problems),
+)
+
+
+def eval_problems(tasks: List[str], limit: Optional[int], key: str = "eval.tasks") -> List[Problem]:
     """eval.tasks (or --tasks) and eval.limit (or --limit): their form only; names and files are checked by eval."""
     hint = "e.g. eval.tasks=[h4] or [arc_easy:25, path/to/task.yaml]; see docs/eval.md"
-    if not tasks:
-        raise ConfigError(f"{where}: {key}: no tasks", hint=hint)
+    problems = [] if tasks else [Problem(key, "no tasks", hint)]
     for spec in tasks:
         task, shots = split_task_spec(spec) if isinstance(spec, str) else ("", None)
         if not task:
-            raise ConfigError(f"{where}: {key}: empty task name in {list(tasks)}", hint=hint)
-        if task.lower() == "h4" and shots is not None:
-            raise ConfigError(f"{where}: {key}: h4 has its own shot counts (25/10/5/0); {spec!r} cannot change them",
-                              hint="write h4, or name one task with its shots, e.g. arc_challenge:5")
+            problems.append(Problem(key, f"empty task name in {list(tasks)}", hint))
+        elif task.lower() == "h4" and shots is not None:
+            problems.append(Problem(key, f"h4 has its own shot counts (25/10/5/0); {spec!r} cannot change them",
+                                    "write h4, or name one task with its shots, e.g. arc_challenge:5"))
     if limit is not None and limit < 1:
-        raise ConfigError(f"{where}: eval.limit: must be at least 1", hint="or null to score every document")
+        problems.append(Problem("eval.limit", "must be at least 1", "or null to score every document"))
+    return problems
+
+
+def validate_eval(tasks: List[str], limit: Optional[int], where: str = "config", key: str = "eval.tasks") -> None:
+    """eval_problems as one ConfigError."""
+    problems = eval_problems(tasks, limit, key)
+    if problems:
+        raise report(where, problems)
 
 
 def num_steps(cfg: SdpoConfig) -> int:
     """T, the number of sDPO steps the split produces."""
-    if cfg.split.strategy == "natural":
+    if cfg.split.strategy == Strategy.natural:
         return len(cfg.split.steps) if cfg.split.steps else len(cfg.data.sources)
     return len(cfg.split.fractions or [])
 
@@ -405,6 +667,6 @@ def to_yaml(cfg: SdpoConfig) -> str:
 
 
 def section(cfg: SdpoConfig, *keys: str) -> dict:
-    """Plain-dict view of some config sections, for fingerprints and meta.json."""
-    full = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+    """Plain-dict view of some config sections, for fingerprints and meta.json (Choice values as their str)."""
+    full = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True, enum_to_str=True)
     return {k: full[k] for k in keys}  # type: ignore[index]

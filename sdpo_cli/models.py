@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from sdpo_cli.config import ModelConfig
+from sdpo_cli.config import DType, ModelConfig
 from sdpo_cli.errors import ConfigError, SdpoError, first_line
 from sdpo_cli.rundir import fingerprint
 
@@ -39,8 +39,7 @@ CHAT_TEMPLATES = {
 }
 DEFAULT_CHAT_TEMPLATE = "solar"
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
+DTYPES = {d.value: getattr(torch, d.torch_name) for d in DType if d is not DType.auto}  # model.dtype -> torch
 
 
 def _hub_kwargs(cfg: ModelConfig) -> dict:
