@@ -8,8 +8,9 @@ import datasets
 import pytest
 import torch
 
+from sdpo_cli.collate import collate_pairs
 from sdpo_cli.config import load_config
-from sdpo_cli.logprobs import collate_pairs, completion_logps
+from sdpo_cli.logprobs import completion_logps
 from tests.conftest import ROOT, run_cli
 
 STEP_FILES = {"data": {"meta.json", "data-00000-of-00001.arrow", "dataset_info.json", "state.json"},
@@ -47,6 +48,7 @@ def finished_run(tmp_path_factory, tiny_model_dir):
     return config, tmp / "run", result
 
 
+@pytest.mark.slow
 def test_run_produces_exactly_these_files(finished_run):
     config, run, result = finished_run
     assert result.stdout.strip() == str(run / "checkpoints" / "step-2")
@@ -64,6 +66,7 @@ def test_run_produces_exactly_these_files(finished_run):
     assert not list(run.rglob(".*tmp*"))  # no temporary siblings left behind
 
 
+@pytest.mark.slow
 def test_meta_json_records_each_stage(finished_run):
     _, run, _ = finished_run
     for t in (1, 2):
@@ -79,6 +82,7 @@ def test_meta_json_records_each_stage(finished_run):
             assert {"fingerprint", "seconds", "sdpo_cli", "torch", "transformers", "argv"} <= set(meta)
 
 
+@pytest.mark.slow
 def test_loss_is_ln2_at_update_0_of_every_step(finished_run):
     _, run, result = finished_run
     for t in (1, 2):
@@ -97,6 +101,7 @@ def test_loss_is_ln2_at_update_0_of_every_step(finished_run):
     assert "ln 2 check ok" in result.stderr
 
 
+@pytest.mark.slow
 def test_reflogp_columns_and_gamma(finished_run):
     _, run, _ = finished_run
     ref = datasets.load_from_disk(str(run / "reflogp" / "step-2"))
@@ -108,6 +113,7 @@ def test_reflogp_columns_and_gamma(finished_run):
         assert g == pytest.approx(c - r, abs=1e-9)
 
 
+@pytest.mark.slow
 def test_precomputed_reference_equals_live_forward(finished_run):
     """reflogp/step-2 (sorted inference batches) == a training-layout forward of M_1 on the same pairs."""
     from transformers import AutoModelForCausalLM
@@ -126,6 +132,7 @@ def test_precomputed_reference_equals_live_forward(finished_run):
                 assert rejected[k].item() == pytest.approx(ref["ref_rejected_logp"][start + k], abs=1e-5)
 
 
+@pytest.mark.slow
 def test_rerun_skips_finished_stages(finished_run):
     config, run, _ = finished_run
     metas = {p: p.read_text() for p in run.rglob("meta.json")}
@@ -135,6 +142,7 @@ def test_rerun_skips_finished_stages(finished_run):
     assert {p: p.read_text() for p in run.rglob("meta.json")} == metas
 
 
+@pytest.mark.slow
 def test_changed_config_is_refused_not_mixed(finished_run):
     config, run, _ = finished_run
     result = run_cli("run", str(config), "dpo.beta=0.2", cwd=config.parent)
@@ -143,6 +151,7 @@ def test_changed_config_is_refused_not_mixed(finished_run):
     assert "Hint: sdpo train CONFIG --step 1 --force" in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_gamma_json_lists_every_checkpoint_and_reuses_reflogp(finished_run):
     config, run, _ = finished_run
     result = run_cli("gamma", str(config), "--json", "--plot", str(run / "reports" / "gamma.png"), cwd=config.parent)
@@ -161,6 +170,7 @@ def test_gamma_json_lists_every_checkpoint_and_reuses_reflogp(finished_run):
     assert json.loads(again.stdout) == out
 
 
+@pytest.mark.slow
 def test_checkpoint_loads_with_plain_transformers(finished_run):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -175,8 +185,10 @@ def test_checkpoint_loads_with_plain_transformers(finished_run):
     assert out.shape[1] == ids.shape[1] + 3
 
 
+@pytest.mark.slow
 def test_stages_chained_by_hand_equal_run(tiny_config):
-    """split -> reflogp 1 -> train 1 -> reflogp 2 -> train 2 by hand gives the same artifacts as `run`."""
+    """split -> reflogp 1 -> train 1 -> reflogp 2 -> train 2 by hand gives the same artifacts as `run` in another run
+    dir: the same data and reference log-probs, every log record but its timing, the same weights and fingerprints."""
     config, run = tiny_config()
     for args in (["split"], ["reflogp", "--step", "1"], ["train", "--step", "1"], ["reflogp", "--step", "2"]):
         result = run_cli(*args, str(config))
@@ -190,6 +202,44 @@ def test_stages_chained_by_hand_equal_run(tiny_config):
     assert meta["first"]["check"] == "ok"
     cfg = load_config(config)
     assert cfg.run_dir == str(run)
+
+    whole = run.with_name("whole")
+    result = run_cli("run", str(config), f"run_dir={whole}")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == str(whole / "checkpoints" / "step-2")
+    for t in (1, 2):
+        for stage in ("data", "reflogp", "checkpoints"):
+            by_hand, in_run = (json.loads((r / stage / f"step-{t}" / "meta.json").read_text()) for r in (run, whole))
+            assert by_hand["fingerprint"] == in_run["fingerprint"], (stage, t)
+        assert same_table(run / "data" / f"step-{t}", whole / "data" / f"step-{t}", tol=0)
+        assert same_table(run / "reflogp" / f"step-{t}", whole / "reflogp" / f"step-{t}", tol=1e-6)
+        by_hand, in_run = (read_log(r / "logs" / f"train-step-{t}.jsonl") for r in (run, whole))
+        assert [r["update"] for r in by_hand] == [r["update"] for r in in_run] == [0, 1, 3]
+        for a, b in zip(by_hand, in_run):
+            assert a.keys() == b.keys()
+            for key in set(a) - {"tokens/s"}:  # the only field that depends on the clock
+                assert a[key] == (pytest.approx(b[key], abs=1e-6) if isinstance(b[key], float) else b[key]), key
+        assert max_weight_diff(run / "checkpoints" / f"step-{t}", whole / "checkpoints" / f"step-{t}") <= 1e-6
+
+
+def same_table(a, b, tol: float) -> bool:
+    """Two saved datasets: the same columns and rows, floats equal to `tol`."""
+    x, y = datasets.load_from_disk(str(a)).to_dict(), datasets.load_from_disk(str(b)).to_dict()
+    assert x.keys() == y.keys() and len(x["id"]) == len(y["id"]) > 0
+    for column in x:
+        if x[column] and isinstance(x[column][0], float):
+            assert x[column] == pytest.approx(y[column], abs=tol), column
+        else:
+            assert x[column] == y[column], column
+    return True
+
+
+def max_weight_diff(a, b) -> float:
+    from safetensors.torch import load_file
+
+    x, y = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
+    assert x.keys() == y.keys()
+    return max((x[k].float() - y[k].float()).abs().max().item() for k in x)
 
 
 @pytest.mark.slow
@@ -207,9 +257,11 @@ def test_packed_layout_and_compiled_blocks_through_the_cli(tiny_config):
 
 
 def test_train_before_reflogp_says_what_to_run(tiny_config):
+    from tests.test_errors import run_in_process
+
     config, run = tiny_config()
-    assert run_cli("split", str(config)).returncode == 0
-    result = run_cli("train", str(config), "--step", "1")
+    assert run_in_process("split", str(config)).returncode == 0
+    result = run_in_process("train", str(config), "--step", "1")
     assert result.returncode == 1
     assert "reference log-probs not found" in result.stderr and "Hint: sdpo reflogp CONFIG --step 1" in result.stderr
 

@@ -58,6 +58,7 @@ def long_config(tiny_config, tmp_path):
     return config, run, reference
 
 
+@pytest.mark.slow
 def test_sigkill_mid_training_resumes_with_identical_losses(long_config):
     config, run, reference = long_config
     log1 = run / "logs" / "train-step-1.jsonl"
@@ -82,6 +83,7 @@ def test_sigkill_mid_training_resumes_with_identical_losses(long_config):
     assert not (run / "checkpoints" / ".step-1.state").exists()  # removed once M_1 was complete
 
 
+@pytest.mark.slow
 def test_sigint_stops_at_an_update_and_says_how_to_resume(long_config):
     config, run, reference = long_config
     log2 = run / "logs" / "train-step-2.jsonl"
