@@ -5,6 +5,7 @@ unreachable dataset (before any model loads), bad eval keys."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import sys
@@ -61,11 +62,10 @@ def write_config(folder: Path, model: Path, **eval_section) -> Path:
     return config
 
 
+@pytest.mark.slow
 def test_eval_cli_scores_a_local_task_table_json_and_cache(tmp_path, stories_dir, monkeypatch, capsys):
     pytest.importorskip("lm_eval")
-    from rich.console import Console
-
-    from sdpo_cli import cli, console, evaluate
+    from sdpo_cli import cli, evaluate
 
     write_color_task(tmp_path / "tasks", long_rows=(7, 9))
     config = write_config(tmp_path, stories_dir, tasks=["tasks/tiny_colors.yaml"], batch_size=8)
@@ -97,13 +97,14 @@ def test_eval_cli_scores_a_local_task_table_json_and_cache(tmp_path, stories_dir
     assert (tmp_path / "run" / "cache" / "eval" / f"{cell['fingerprint']}.json").is_file()
 
     # Again, in-process (no second interpreter start): from the cache, no model loaded, the same JSON on stdout.
-    monkeypatch.setattr(console, "stdout", Console(file=io.StringIO(), width=200))
+    # cli.main() builds its run context now, so its stdout console writes to the sys.stdout of this moment.
     monkeypatch.setattr(evaluate, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
     monkeypatch.setattr(sys, "argv", ["sdpo", "eval", str(config), "--limit", "10", "--json", "--checkpoint", "base"])
-    with pytest.raises(SystemExit) as done:
+    stdout = io.StringIO()
+    with pytest.raises(SystemExit) as done, contextlib.redirect_stdout(stdout):
         cli.main()
     assert done.value.code == 0 and "every task already scored" in capsys.readouterr().err
-    out = json.loads(console.stdout.file.getvalue())
+    out = json.loads(stdout.getvalue())
     assert out["checkpoints"][0]["tasks"]["tiny_colors"] == {**cell, "cached": True}
     assert json.loads((tmp_path / "run" / "reports" / "eval.json").read_text()) == out
 
@@ -130,6 +131,7 @@ def _truthfulqa(i):
             "mc2_targets": {"choices": ["No.", "It is rock.", "Yes."], "labels": [1, 1, 0]}}
 
 
+@pytest.mark.slow
 def test_h4_real_task_configs_on_stand_in_rows(tmp_path, stories_dir, monkeypatch):
     pytest.importorskip("lm_eval")
     import datasets
@@ -198,6 +200,7 @@ def test_h4_real_task_configs_on_stand_in_rows(tmp_path, stories_dir, monkeypatc
     assert f"{100 * h4:.2f}" in table and "H4 benchmark (lm-eval 0.4.13, limit 2)" in table
 
 
+@pytest.mark.slow
 def test_run_evaluates_each_step_once(tiny_config, tmp_path, capsys):
     pytest.importorskip("lm_eval")
     task = write_color_task(tmp_path / "tasks")
@@ -227,6 +230,7 @@ def test_without_lm_eval_exit_2_with_install_hint(tiny_config, monkeypatch, caps
 
     config, _ = tiny_config()
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # `import lm_eval` now fails as if it were not installed
+    monkeypatch.delitem(sys.modules, "sdpo_cli.harness", raising=False)  # (re)imported on first use: it imports lm_eval
     monkeypatch.setattr(sys, "argv", ["sdpo", "eval", str(config)])
     monkeypatch.delenv("SDPO_DEBUG", raising=False)
     with pytest.raises(SystemExit) as exit_info:
