@@ -70,6 +70,10 @@ class EpochBatchSampler:
     def batches(self, epoch: int) -> list[list[int]]:
         raise NotImplementedError
 
+    def real_batches(self, epoch: int) -> list[list[int]]:
+        """The batches of epoch e as the data has them (no padding copies)."""
+        return self.batches(epoch)
+
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
@@ -115,6 +119,18 @@ def train_batches(lengths: list[int], *, batch_size: int, seed: int, group_by_le
     return FullBatches(sampler, len(lengths)) if world_size > 1 else sampler
 
 
+def update_totals(batches: list[list[int]], accumulation: int, chosen_tokens: list[int]) -> list[tuple[int, int]]:
+    """(real pairs, their chosen completion tokens) of each update of an epoch, from its (global) batches: update k is
+    micro-batches k*accumulation .. (k+1)*accumulation - 1, the last update of an epoch possibly fewer. The loss of
+    an update is the mean over ITS pairs (and the NLL term over its chosen tokens), so that gradient accumulation
+    trains exactly as one batch of the same pairs, also when the epoch's last micro-batches are short."""
+    totals = []
+    for k in range(0, len(batches), accumulation):
+        rows = [i for batch in batches[k:k + accumulation] for i in batch]
+        totals.append((len(rows), sum(chosen_tokens[i] for i in rows)))
+    return totals
+
+
 class WeightedPairs(torch.utils.data.Dataset):
     """The step's rows; index n + i is a weight-0 copy of row i (FullBatches' padding): (row, is_real)."""
 
@@ -138,6 +154,9 @@ class FullBatches:
 
     def set_epoch(self, epoch: int) -> None:
         self.sampler.set_epoch(epoch)
+
+    def real_batches(self, epoch: int) -> list[list[int]]:
+        return self.sampler.batches(epoch)
 
     def __iter__(self):
         for batch in self.sampler:

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from sdpo_cli.batching import WeightedPairs, train_batches
+from sdpo_cli.batching import WeightedPairs, train_batches, update_totals
 from sdpo_cli.collate import PairBatch, collate_pairs, pair_length, resolve_layout
 from sdpo_cli.config import SdpoConfig, TrainConfig, section
 from sdpo_cli.context import RunContext
@@ -64,12 +64,13 @@ def run_train(cfg: SdpoConfig, step: int, *, force: bool = False, ctx: RunContex
     # the engines (DDP / FSDP / DeepSpeed) wrap PairLogps, so their hooks run around our lean log-prob path
     policy, optimizer, prepared = accelerator.prepare(PairLogps(target.model), optimizer, loader)
     loop = TrainLoop(cfg, inputs, ctx, accelerator=accelerator, policy=policy, optimizer=optimizer,
-                     loader=prepared, sampler=loader.batch_sampler, expect_ln2=target.reference == target.init)
+                     loader=prepared, sampler=loader.batch_sampler, expect_ln2=target.reference == target.init,
+                     chosen_tokens=[len(r["chosen_ids"]) for r in rows])
     ctx.info(f"train step {step}: target from {target.init}, π_ref = {target.reference}; {len(rows)} pairs, "
              f"{loop.total} updates of {tr.per_device_batch_size}×{tr.gradient_accumulation}×"
              f"{accelerator.num_processes} = {loop.pairs_per_update} pairs, lr {tr.learning_rate:g}")
     if tr.report_to:
-        accelerator.init_trackers(f"sdpo-step-{step}", config=section(cfg, "dpo", "train"))
+        accelerator.init_trackers(f"sdpo-step-{step}", config=tracker_config(section(cfg, "dpo", "train")))
     records = loop.run(force=force)
 
     accelerator.wait_for_everyone()
@@ -87,6 +88,16 @@ def run_train(cfg: SdpoConfig, step: int, *, force: bool = False, ctx: RunContex
         shutil.rmtree(inputs.state_dir, ignore_errors=True)  # M_t is complete: the resume state has served
     accelerator.wait_for_everyone()
     return inputs.out
+
+
+def tracker_config(sections: dict) -> dict:
+    """The config as trackers take it: flat dotted keys with scalar values (TensorBoard's hparams refuse nested dicts,
+    lists and None), e.g. {"dpo.beta": 0.1, "train.report_to": "['tensorboard']"}."""
+    flat = {}
+    for name, values in sections.items():
+        for key, value in values.items():
+            flat[f"{name}.{key}"] = value if isinstance(value, (bool, int, float, str)) else str(value)
+    return flat
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -299,7 +310,7 @@ class TrainLoop:
     """The updates of one step: resume from the step's saved state, train, log, save state, stop on signals."""
 
     def __init__(self, cfg: SdpoConfig, inputs: StepInputs, ctx: RunContext, *, accelerator, policy, optimizer,
-                 loader, sampler, expect_ln2: bool):
+                 loader, sampler, expect_ln2: bool, chosen_tokens: list[int]):
         from transformers import get_scheduler
 
         self.cfg, self.tr, self.inputs, self.ctx, self.step = cfg, cfg.train, inputs, ctx, inputs.step
@@ -307,6 +318,7 @@ class TrainLoop:
                                                                                    loader, sampler)
         self.expect_ln2 = expect_ln2  # target == reference at update 0 only when both start from the same model
         self.world = accelerator.num_processes
+        self.chosen_tokens = chosen_tokens  # per row: the NLL term's denominator
         updates_per_epoch = math.ceil(len(loader) / self.tr.gradient_accumulation)
         self.total = self.tr.max_updates or max(1, math.ceil(self.tr.epochs * updates_per_epoch))
         self.pairs_per_update = self.tr.per_device_batch_size * self.tr.gradient_accumulation * self.world
@@ -332,11 +344,14 @@ class TrainLoop:
             task = bar.add_task(f"train step {self.step}", total=self.total, completed=self.update, status="")
             while self.update < self.total:
                 self.sampler.set_epoch(self.epoch)
+                totals = update_totals(self.sampler.real_batches(self.epoch), self.tr.gradient_accumulation,
+                                       self.chosen_tokens)
                 batches = self.accelerator.skip_first_batches(self.loader, self.skip) if self.skip else self.loader
                 done_in_epoch, self.skip = self.skip, 0
                 for batch, ref, weight in batches:
                     done_in_epoch += 1
-                    grad_norm = self._micro_batch(batch, ref, weight)
+                    grad_norm = self._micro_batch(batch, ref, weight,
+                                                  totals[(done_in_epoch - 1) // self.tr.gradient_accumulation])
                     if not self.accelerator.sync_gradients:
                         continue
                     lr = self.scheduler.get_last_lr()[0]
@@ -353,9 +368,10 @@ class TrainLoop:
                     self.epoch += 1
         return self.records
 
-    def _micro_batch(self, batch: PairBatch, ref: torch.Tensor, weight: torch.Tensor):
+    def _micro_batch(self, batch: PairBatch, ref: torch.Tensor, weight: torch.Tensor, update_total: tuple[int, int]):
         """Forward, loss and backward of one micro-batch (and the optimizer update at an accumulation boundary);
-        returns the gradient norm at a boundary, else None."""
+        returns the gradient norm at a boundary, else None. `update_total`: (real pairs, chosen tokens) of the
+        update this micro-batch belongs to, over every process."""
         dpo, accelerator = self.cfg.dpo, self.accelerator
         with accelerator.accumulate(self.policy):
             policy_c, policy_r = self.policy(batch)
@@ -363,16 +379,17 @@ class TrainLoop:
             losses = dpo_losses(policy_c, policy_r, ref_c, ref_r, beta=dpo.beta, loss=dpo.loss,
                                 label_smoothing=dpo.label_smoothing, chosen_tokens=batch.chosen_tokens,
                                 rejected_tokens=batch.rejected_tokens)
-            # the mean over the real pairs of the GLOBAL micro-batch (and, for the NLL term, over its chosen
-            # tokens): each rank's share is scaled by world / global count, and DDP / FSDP / DeepSpeed average
-            # gradients over ranks, so N processes train exactly as one with an N-times batch
-            counts = torch.stack([weight.sum(), (weight * batch.chosen_tokens).sum()])
-            if self.world > 1:
-                counts = accelerator.reduce(counts, reduction="sum")
-            loss = (weight * losses).sum() * (self.world / counts[0])
+            # the mean over the real pairs of the whole UPDATE, every micro-batch and every process (and, for the
+            # NLL term, over its chosen tokens): accelerate (or DeepSpeed) divides each micro-batch's loss by
+            # gradient_accumulation and DDP / FSDP / DeepSpeed average gradients over ranks, so the scale
+            # world * accumulation / count makes N processes x A micro-batches train exactly as one batch of the
+            # same pairs, also for a short last update of an epoch
+            pairs, chosen_tokens = update_total
+            scale = self.world * self.tr.gradient_accumulation
+            loss = (weight * losses).sum() * (scale / pairs)
             if dpo.nll_weight:
-                # RPO / TRL's "sft" term: mean NLL per chosen completion token of the batch
-                loss = loss + dpo.nll_weight * (-(weight * policy_c).sum() * (self.world / counts[1]))
+                # RPO / TRL's "sft" term: mean NLL per chosen completion token of the update
+                loss = loss + dpo.nll_weight * (-(weight * policy_c).sum() * (scale / max(chosen_tokens, 1)))
             accelerator.backward(loss)
             grad_norm = _clip(accelerator, self.policy, self.tr.max_grad_norm) if accelerator.sync_gradients else None
             self.optimizer.step()
