@@ -34,7 +34,7 @@ test-fast: install
 	$(PY) -m pytest -q -m "not slow"
 
 lint: install
-	$(VENV)/bin/ruff check sdpo_cli tests
+	$(VENV)/bin/ruff check sdpo_cli tests bench demo
 
 # ---- the embedded demo: S = demo/model (0.43M-parameter Llama), D_1 = orca-schema pairs, D_2 = ultrafeedback-schema
 DEMO_CONFIG ?= configs/demo.yaml
@@ -67,17 +67,18 @@ demo-build: install
 clean:
 	rm -rf runs/demo runs/demo-ablation .pytest_cache
 
-# sdpo vs TRL 1.16 DPOTrainer on this machine's CPU (docs/performance.md); BENCH_ARGS=--quick for a smoke run
+# sdpo vs TRL 1.16 DPOTrainer on this machine's CPU (docs/performance.md; bench/ is a package run from the repo root:
+# python -m bench.cpu); the sdpo rows run sdpo_cli's own split / reflogp / train. BENCH_ARGS=--quick for a smoke run
 .PHONY: bench
 bench: install
-	$(PY) bench/bench.py $(BENCH_ARGS)
+	$(PY) -m bench.cpu $(BENCH_ARGS)
 
-# ---- sdpo vs TRL on the lent GPU machine (bench/gpu.sh; docs/performance.md "GPU"). That machine has torch,
-# accelerate, pyarrow, ... but no trl, datasets (+ dill, multiprocess, its fsspec) or omegaconf, and an older
-# transformers (+ regex; peft to match it). `make gpu-wheels` downloads these at this venv's versions as Python 3.12
-# x86-64 wheels into .whl/ (git-ignored, ~17 MB; the carried tree must stay under 64 MiB) for the device call to
-# carry. bench-gpu runs the benchmark where a GPU and the packages are at hand; BENCH_GPU_ARGS=--smoke checks its
-# code paths on CPU (~30 s).
+# ---- sdpo vs TRL on the lent GPU machine (bench/gpu.sh runs python -m bench.gpu; docs/performance.md "GPU"). That
+# machine has torch, accelerate, pyarrow, ... but no trl, datasets (+ dill, multiprocess, its fsspec) or omegaconf,
+# and an older transformers (+ regex; peft to match it). `make gpu-wheels` downloads these at this venv's versions as
+# Python 3.12 x86-64 wheels into .whl/ (git-ignored, ~17 MB; the carried tree must stay under 64 MiB) for the device
+# call to carry. bench-gpu runs the benchmark where a GPU and the packages are at hand; BENCH_GPU_ARGS=--smoke checks
+# its code paths on CPU (~45 s).
 GPU_WHEEL_PKGS ?= trl datasets dill multiprocess fsspec omegaconf transformers regex peft
 .PHONY: gpu-wheels bench-gpu
 gpu-wheels: install
@@ -90,4 +91,4 @@ gpu-wheels: install
 	@ls -1 .whl && du -ch .whl/*.whl | tail -1
 
 bench-gpu: install
-	$(PY) bench/gpu.py $(BENCH_GPU_ARGS)
+	$(PY) -m bench.gpu $(BENCH_GPU_ARGS)

@@ -1,8 +1,8 @@
 """sdpo vs TRL 1.16 DPOTrainer on one GPU: a 0.5B Qwen2-shaped model, bf16 autocast, the same synthetic rows.
 
     bash bench/gpu.sh                       # on the lent GPU machine: installs the carried wheels, runs this
-    python bench/gpu.py                     # the same, where sdpo_cli, trl and datasets are importable
-    python bench/gpu.py --smoke             # CPU smoke run: tiny Qwen2, fp32, 3 updates; checks the code paths
+    python -m bench.gpu                     # the same, where sdpo_cli, trl and datasets are importable
+    python -m bench.gpu --smoke             # CPU smoke run: tiny Qwen2, fp32, 3 updates; checks the code paths
 
 Setup (docs/performance.md, "GPU"):
   model     Qwen2 built from a config shaped like Qwen2.5-0.5B (hidden 896, 24 layers, 14 heads / 2 KV heads, MLP 4864,
@@ -12,22 +12,25 @@ Setup (docs/performance.md, "GPU"):
   rows      updates x batch synthetic pairs (seed 0): prompt, chosen and rejected lengths each drawn from a log-normal
             (median 160 tokens) clipped to [50, 400]; + EOS on each reply. P + max(C, R) < max_length 1024, so nobody
             truncates. TRL's standard text rows ({prompt, chosen, rejected}); sdpo reads the same JSONL (format
-            preference) and tokenises it TRL's way.
+            preference) and tokenises it TRL's way (checked: its data/step-1 holds exactly our ids).
   precision fp32 weights and AdamW state, bf16 autocast on both sides: sdpo model.dtype=float32 +
             train.mixed_precision=bf16; TRL bf16=True (it loads a model path in float32 by default).
-  sdpo      the CLI's stages in-process (config file + key=value overrides loaded as `sdpo` loads them, then the
-            functions `sdpo split`, `reflogp --step 1`, `train --step 1` call), with train.layout
-            prefix, group_by_length, logging_every 1, max_updates U, lr 1e-6 linear, no warm-up, clip 1.0, beta 0.1.
-            Throughput comes from logs/train-step-1.jsonl ("tokens/s" per update), updates < --warmup excluded.
-            Variants with train.compile=true and train.layout=packed run when this sdpo has those switches (packed
-            with flash_attention_2 where flash_attn is installed, else flex_attention: sdpa would be dense).
+  sdpo      the real code path (bench.common.sdpo_stages): sdpo_cli's run_split, run_reflogp --step 1 and run_train
+            --step 1 in one process, each with the config loaded as its command loads it (file + key=value
+            overrides), with train.layout prefix, group_by_length, logging_every 1, max_updates U, lr 1e-6 linear, no
+            warm-up, clip 1.0, beta 0.1. Throughput comes from logs/train-step-1.jsonl alone: per update "tokens"
+            (distinct tokens) and "tokens/s" by the loop's own clock, updates < --warmup excluded. The reference
+            pass is the whole reflogp stage (model load included), CUDA-synchronised. Variants with
+            train.compile=true and train.layout=packed run when this sdpo has those switches (packed with
+            flash_attention_2 where flash_attn is installed, else flex_attention: sdpa would be dense).
   TRL       DPOTrainer with DPOConfig defaults (gradient checkpointing on, live reference model) and with
             precompute_ref_log_probs=True; same batch, max_length, lr, schedule, beta and updates. Per-update time
             from a TrainerCallback (CUDA-synchronised at every step end), updates < --warmup excluded.
   tokens    distinct tokens P + C + R per pair (prompt counted once) for both systems: tokens/s and MFU =
             6 * N * tokens/s / peak, N = parameters with the tied embedding counted once (also shown with N without
             the embedding), peak = $PEAK_TFLOPS (default 989 TFLOP/s, H100/H200 SXM bf16 dense). TRL's own count
-            (2P + C + R: the non-pad tokens of its [chosen; rejected] rows) is shown too.
+            (2P + C + R: the non-pad tokens of its [chosen; rejected] rows) is shown too (sdpo's: its rate scaled by
+            the step's (2P + C + R) / (P + C + R)).
   memory    torch.cuda.max_memory_allocated of the training process: sdpo's train stage, TRL's train() (its resident
             models included); sdpo's reflogp stage and TRL's whole process separately.
 
@@ -41,33 +44,34 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import gc
 import importlib.metadata
 import importlib.util
 import json
 import math
 import os
 import shutil
-import signal
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from bench.common import (
+    BETA,
+    LR,
+    emit,
+    fmt,
+    log_figures,
+    peak_rss_mb,
+    run_trl,
+    same_pairs,
+    sdpo_stages,
+    spawn,
+    step_pairs,
+    throughput,
+    token_counts,
+    train_log,
+    warm_imports,
+)
 
-
-def _load_cpu_bench():
-    """bench/bench.py (the CPU benchmark) as a module: its env, RESULT helpers and constants are shared."""
-    spec = importlib.util.spec_from_file_location("sdpo_cpu_bench", ROOT / "bench" / "bench.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-cpu_bench = _load_cpu_bench()
-LR, BETA = cpu_bench.LR, cpu_bench.BETA
 PEAK_TFLOPS_DEFAULT = 989.0  # H100 / H200 SXM, bf16 dense, no sparsity
 
 # the model's shape for the real run and for the CPU smoke run
@@ -98,51 +102,6 @@ def _setup(a) -> Setup:
     if a.smoke:
         return Setup(True, a.updates or 3, a.batch or 2, 1 if a.warmup is None else a.warmup, 128, (8, 20, 40))
     return Setup(False, a.updates or 30, a.batch or 16, 5 if a.warmup is None else a.warmup, 1024, (50, 160, 400))
-
-
-def _sync() -> None:
-    import torch
-
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.synchronize()
-
-
-def _gpu_peak_gib() -> float | None:
-    import torch
-
-    if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
-        return None
-    return torch.cuda.max_memory_allocated() / 2**30
-
-
-def _reset_gpu_peak() -> None:
-    import torch
-
-    gc.collect()
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-
-
-def _counts(pairs) -> dict:
-    """Token counts of a batch of pairs (dicts with prompt_ids, chosen_ids, rejected_ids)."""
-    p = sum(len(x["prompt_ids"]) for x in pairs)
-    c = sum(len(x["chosen_ids"]) for x in pairs)
-    r = sum(len(x["rejected_ids"]) for x in pairs)
-    return {"pairs": len(pairs), "distinct": p + c + r, "trl": 2 * p + c + r, "completion": c + r}
-
-
-def _steady(seconds: list[float], counts: list[dict], warmup: int) -> dict:
-    """Throughput over the updates after the first `warmup` (at least the last update is kept)."""
-    n = min(len(seconds), len(counts))
-    first = min(warmup, max(n - 1, 0))
-    s = sum(seconds[first:n])
-    tot = {k: sum(c[k] for c in counts[first:n]) for k in ("pairs", "distinct", "trl", "completion")}
-    return {"updates_measured": n - first, "first_measured_update": first, "seconds": s,
-            "tok_s": tot["distinct"] / s if s > 0 else None, "trl_tok_s": tot["trl"] / s if s > 0 else None,
-            "s_per_update": s / max(n - first, 1), "pairs_per_s": tot["pairs"] / s if s > 0 else None,
-            "all_updates_tok_s": sum(c["distinct"] for c in counts[:n]) / max(sum(seconds[:n]), 1e-9),
-            "update_seconds": [round(x, 4) for x in seconds[:n]]}
 
 
 # ----------------------------------------------------------------------------------------------------------- prep
@@ -274,7 +233,7 @@ def prep(work: Path, st: Setup) -> None:
 
     fields = {f.name for f in dataclasses.fields(sdpo_config.TrainConfig)}
     layouts = tuple(getattr(sdpo_config, "LAYOUTS", ("prefix", "padded")))
-    c = _counts(ids)
+    c = token_counts(ids)
     versions = {}
     for name in ("torch", "transformers", "trl", "datasets", "accelerate", "pyarrow"):
         try:
@@ -292,217 +251,70 @@ def prep(work: Path, st: Setup) -> None:
                          "flash_attn": importlib.util.find_spec("flash_attn") is not None},
             "versions": versions, "transformers_file": transformers.__file__}
     (work / "info.json").write_text(json.dumps(info))
-    cpu_bench._emit(info)
+    emit(info)
 
 
 # ----------------------------------------------------------------------------------------------------------- sdpo
-def run_sdpo(work: Path, st: Setup, name: str, overrides: list[str], threads: int) -> None:
-    """`sdpo split`, `sdpo reflogp --step 1`, `sdpo train --step 1` in this process, so that CUDA peak memory and the
-    reference pass can be read here: the config is loaded as the CLI loads it (file + key=value overrides) and each
-    stage is the function its command calls (sdpo_cli/cli.py; typer itself is left out: the GPU machine's typer is
-    not the one sdpo pins, and the one sdpo pins needs pydantic, which that machine lacks)."""
+def sdpo_worker(work: Path, st: Setup, name: str, overrides: list[str], threads: int) -> None:
+    """sdpo's real stages in this process (bench.common.sdpo_stages), so that CUDA peak memory per stage can be read
+    here; training figures from the step's train log."""
     import torch
 
     torch.set_num_threads(threads)
-    import sdpo_cli.logprobs as sdpo_logprobs
-    import sdpo_cli.train as sdpo_train
-    from sdpo_cli.config import load_config
-    from sdpo_cli.reflogp import run_reflogp
-    from sdpo_cli.rundir import RunDir
-    from sdpo_cli.split import run_split
-
-    cfg_path = str(work / "sdpo.yaml")
+    warm_imports(work / "model")
     run_dir = work / "runs" / name
     shutil.rmtree(run_dir, ignore_errors=True)
-    ov = [f"run_dir={run_dir}", *overrides]
-
-    batches: list[dict] = []  # token counts of every training batch, in loader order (one batch = one update)
-    collate = sdpo_train.collate_pairs
-
-    def counting_collate(pairs, *args, **kwargs):
-        batches.append(_counts(pairs))
-        return collate(pairs, *args, **kwargs)
-
-    sdpo_train.collate_pairs = counting_collate
-    ref: dict = {"seconds": 0.0, "pairs": 0, "distinct": 0}
-    score = sdpo_logprobs.score_pairs  # score_pairs_sharded imports it at call time
-
-    def timed_score(model, pairs, *args, **kwargs):
-        _sync()
-        t0 = time.perf_counter()
-        out = score(model, pairs, *args, **kwargs)
-        _sync()
-        ref["seconds"] += time.perf_counter() - t0
-        cols = pairs if isinstance(pairs, list) else [dict(zip(("prompt_ids", "chosen_ids", "rejected_ids"), x))
-                                                      for x in zip(pairs["prompt_ids"], pairs["chosen_ids"],
-                                                                   pairs["rejected_ids"])]
-        c = _counts(cols)
-        ref["pairs"] += c["pairs"]
-        ref["distinct"] += c["distinct"]
-        return out
-
-    sdpo_logprobs.score_pairs = timed_score
-
-    def stage(run, *args) -> float:  # as the command does: a freshly loaded config, then the stage
-        t0 = time.perf_counter()
-        run(load_config(cfg_path, ov), *args)
-        _sync()
-        return time.perf_counter() - t0
-
-    split_s = stage(run_split)
-    _reset_gpu_peak()
-    reflogp_s = stage(run_reflogp, 1)
-    reflogp_peak = _gpu_peak_gib()
-    _reset_gpu_peak()
-    train_s = stage(sdpo_train.run_train, 1)
-    train_peak = _gpu_peak_gib()
-
-    cfg = load_config(cfg_path, ov)
-    log = RunDir(cfg.run_dir).train_log(1)
-    records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
-    approx = False
-    if len(batches) >= len(records) and all(b["pairs"] == r["pairs"] for b, r in zip(batches, records)):
-        seconds = [b["completion"] / r["tokens/s"] for b, r in zip(batches, records)]
-        counts = batches[: len(records)]
-    else:  # the train loop no longer calls collate_pairs per batch: scale the log's completion tokens/s instead
-        approx = True
-        ids = json.loads((work / "rows_ids.json").read_text())
-        whole = _counts(ids)
-        counts = [{"pairs": r["pairs"], "completion": r["pairs"] * whole["completion"] / whole["pairs"],
-                   "distinct": r["pairs"] * whole["distinct"] / whole["pairs"],
-                   "trl": r["pairs"] * whole["trl"] / whole["pairs"]} for r in records]
-        seconds = [c["completion"] / r["tokens/s"] for c, r in zip(counts, records)]
-    result = {"kind": name, "system": "sdpo", "overrides": overrides, "updates": len(records),
-              **_steady(seconds, counts, st.warmup), "token_counts_approximate": approx,
-              "peak_gpu_gib": train_peak, "reflogp_peak_gpu_gib": reflogp_peak,
-              "split_s": split_s, "reflogp_stage_s": reflogp_s, "train_stage_s": train_s,
-              "ref_pass_s": ref["seconds"], "ref_pairs": ref["pairs"],
-              "ref_pairs_per_s": ref["pairs"] / ref["seconds"] if ref["seconds"] else None,
-              "ref_tok_s": ref["distinct"] / ref["seconds"] if ref["seconds"] else None,
+    cfg, stages = sdpo_stages(work / "sdpo.yaml", [f"run_dir={run_dir}", *overrides])
+    records = train_log(cfg, 1)
+    pairs = step_pairs(cfg, 1)
+    data = token_counts(pairs)
+    log = log_figures(records, st.warmup, trl_per_distinct=data["trl"] / data["distinct"])
+    logged = {"pairs": sum(r["pairs"] for r in records), "tokens": sum(r["tokens"] for r in records)}
+    ref, train = stages["reflogp"], stages["train"]
+    result = {"kind": name, "system": "sdpo", "overrides": overrides, "updates": len(records), **log,
+              "log_pairs": logged["pairs"], "log_tokens": logged["tokens"], "data_pairs": data["pairs"],
+              "data_tokens": data["distinct"],
+              "log_counts_ok": logged == {"pairs": data["pairs"], "tokens": data["distinct"]},
+              "token_mismatch_rows": same_pairs(pairs, json.loads((work / "rows_ids.json").read_text())),
+              "peak_gpu_gib": train["peak_gpu_gib"], "reflogp_peak_gpu_gib": ref["peak_gpu_gib"],
+              "split_s": stages["split"]["wall_s"], "reflogp_stage_s": ref["wall_s"], "train_stage_s": train["wall_s"],
+              "ref_pairs_per_s": data["pairs"] / ref["wall_s"], "ref_tok_s": data["distinct"] / ref["wall_s"],
               "first_loss": records[0]["loss"], "last_loss": records[-1]["loss"],
-              "ln2_check": records[0].get("check"), "peak_rss_mb": cpu_bench._peak_rss_mb(),
+              "ln2_check": records[0].get("check"), "peak_rss_mb": peak_rss_mb(),
               "layout": cfg.train.layout, "compile": getattr(cfg.train, "compile", None)}
     shutil.rmtree(run_dir, ignore_errors=True)  # the checkpoint is 2 GB: keep the disk clear for the next variant
-    cpu_bench._emit(result)
+    emit(result)
 
 
 # ------------------------------------------------------------------------------------------------------------ TRL
-def run_trl(work: Path, st: Setup, precompute: bool, threads: int) -> None:
+def trl_worker(work: Path, st: Setup, precompute: bool, threads: int) -> None:
     import torch
 
     torch.set_num_threads(threads)
-    from datasets import Dataset
-    from transformers import AutoTokenizer, TrainerCallback
-    from trl import DPOConfig, DPOTrainer
-
     cuda = torch.cuda.is_available() and not st.smoke
     rows = [json.loads(line) for line in (work / "rows.jsonl").read_text().splitlines()]
     ids = json.loads((work / "rows_ids.json").read_text())
-    out = tempfile.mkdtemp(prefix="trl-gpu-bench-", dir=str(work))
-    args = DPOConfig(output_dir=out, per_device_train_batch_size=st.batch, max_length=st.max_length,
-                     learning_rate=LR, beta=BETA, max_steps=st.updates, bf16=cuda, use_cpu=not cuda, report_to=[],
-                     save_strategy="no", logging_steps=1, seed=0, dataloader_num_workers=0, disable_tqdm=True,
-                     precompute_ref_log_probs=precompute)
-
-    ref_time = [0.0]
-    original = DPOTrainer._precompute_ref_logps
-
-    def timed(self, *x, **k):
-        _sync()
-        t0 = time.perf_counter()
-        result = original(self, *x, **k)
-        _sync()
-        ref_time[0] += time.perf_counter() - t0
-        return result
-
-    DPOTrainer._precompute_ref_logps = timed
-    model_dir = str(work / "model")
-    t0 = time.perf_counter()
-    trainer = DPOTrainer(model=model_dir, args=args, train_dataset=Dataset.from_list(rows),
-                         processing_class=AutoTokenizer.from_pretrained(model_dir))
-    init_s = time.perf_counter() - t0
-    init_peak = _gpu_peak_gib()
-
-    batches: list[dict] = []
-    collator = trainer.data_collator
-
-    def counting_collator(examples):
-        batches.append(_counts(examples))
-        return collator(examples)
-
-    trainer.data_collator = counting_collator
-    stamps: list[float] = []
-    peaks: dict = {}
-
-    class Timer(TrainerCallback):
-        def on_train_begin(self, *a, **k):
-            _reset_gpu_peak()
-            _sync()
-            stamps.append(time.perf_counter())
-
-        def on_step_end(self, *a, **k):
-            _sync()
-            stamps.append(time.perf_counter())
-
-        def on_train_end(self, *a, **k):
-            peaks["train"] = _gpu_peak_gib()
-
-    trainer.add_callback(Timer())
-    trainer.train()
-    steps = trainer.state.global_step
-    seconds = [b - a for a, b in zip(stamps, stamps[1:])]
-    prepared = trainer.train_dataset
-    mismatch = sum(prepared[i]["prompt_ids"] != r["prompt_ids"] or prepared[i]["chosen_ids"] != r["chosen_ids"]
-                   or prepared[i]["rejected_ids"] != r["rejected_ids"] for i, r in enumerate(ids))
-    logs = [h for h in trainer.state.log_history if "loss" in h]
-    shutil.rmtree(out, ignore_errors=True)
-    name = "trl_precompute" if precompute else "trl_default"
-    cpu_bench._emit({"kind": name, "system": "trl", "updates": steps, **_steady(seconds, batches[:steps], st.warmup),
-                     "peak_gpu_gib": peaks.get("train"),
-                     "process_peak_gpu_gib": max((x for x in (init_peak, peaks.get("train")) if x is not None),
-                                                 default=None),
-                     "init_s": init_s, "ref_pass_s": ref_time[0] if precompute else None,
-                     "ref_pairs_per_s": len(rows) / ref_time[0] if precompute and ref_time[0] else None,
-                     "ref_tok_s": _counts(ids)["distinct"] / ref_time[0] if precompute and ref_time[0] else None,
-                     "trl_num_tokens": getattr(trainer, "_total_train_tokens", None),
-                     "our_trl_tokens": sum(b["trl"] for b in batches[:steps]),
-                     "token_mismatch_rows": mismatch, "first_loss": logs[0]["loss"] if logs else None,
-                     "last_loss": logs[-1]["loss"] if logs else None, "peak_rss_mb": cpu_bench._peak_rss_mb()})
+    r = run_trl(work, rows, ids, batch=st.batch, max_length=st.max_length, updates=st.updates,
+                precompute=precompute, cuda=cuda, logging_steps=1)
+    seconds = [b[0] - a[0] for a, b in zip(r["stamps"], r["stamps"][1:])]
+    b = r["batches"]
+    steady = throughput(seconds, [x["distinct"] for x in b], [x["pairs"] for x in b], st.warmup,
+                        [x["trl"] for x in b])
+    ref_s = r["ref_wall_s"]
+    emit({"kind": "trl_precompute" if precompute else "trl_default", "system": "trl", "updates": r["updates"],
+          **steady, "peak_gpu_gib": r["peak_gpu_gib"], "process_peak_gpu_gib": r["process_peak_gpu_gib"],
+          "init_s": r["init_s"], "ref_pass_s": ref_s,
+          "ref_pairs_per_s": len(rows) / ref_s if ref_s else None,
+          "ref_tok_s": token_counts(ids)["distinct"] / ref_s if ref_s else None,
+          "trl_num_tokens": r["trl_num_tokens"], "our_trl_tokens": sum(x["trl"] for x in b),
+          "token_mismatch_rows": r["token_mismatch_rows"], "first_loss": r["first_loss"],
+          "last_loss": r["last_loss"], "peak_rss_mb": r["peak_rss_mb"]})
 
 
 # ----------------------------------------------------------------------------------------------------- orchestrate
-def _spawn(work: Path, args: list[str], threads: int, timeout: float, log: Path) -> dict | None:
-    """Run a worker in its own process group; kill the group at `timeout`. Its output goes to `log`."""
-    cmd = [sys.executable, str(Path(__file__).resolve()), *args, "--workdir", str(work), "--threads", str(threads)]
-    env = cpu_bench._env(threads)
-    env["HF_DATASETS_CACHE"] = str(work / "hf-datasets")
-    env["PYTHONPATH"] = os.pathsep.join(x for x in (env.get("PYTHONPATH"), str(ROOT)) if x)
-    with open(log, "w") as f:
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=str(ROOT),
-                                start_new_session=True)
-        try:
-            proc.wait(timeout=max(timeout, 1))
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            print(f"  ! {args[1]}: timed out after {timeout:.0f}s; last lines of {log.name}:\n{_tail(log)}", flush=True)
-            return None
-    for line in log.read_text(errors="replace").splitlines()[::-1]:
-        if line.startswith("BENCH "):
-            return json.loads(line[6:])
-    print(f"  ! {args[1]} failed (rc {proc.returncode}); last lines of {log.name}:\n{_tail(log)}", flush=True)
-    return None
-
-
-def _tail(path: Path, lines: int = 30) -> str:
-    return "\n".join("    " + x for x in path.read_text(errors="replace").splitlines()[-lines:])
-
-
-def _fmt(x, digits: int = 0, pct: bool = False) -> str:
-    if x is None or (isinstance(x, float) and x != x):
-        return "n/a"
-    return f"{100 * x:.1f}%" if pct else f"{x:,.{digits}f}"
-
+def _spawn(work: Path, name: str, args: list[str], threads: int, timeout: float) -> dict | None:
+    return spawn("bench.gpu", name, args, work, threads, timeout, work / "logs" / f"{name}.log",
+                 extra_env={"HF_DATASETS_CACHE": str(work / "hf-datasets")})
 
 def _plan(features: dict, only: list[str] | None, extra: list[str], smoke: bool) -> list[tuple[str, list[str], float]]:
     """(name, worker args, time cap in seconds) in run order: the core comparison first."""
@@ -545,7 +357,7 @@ def main() -> None:
     ap.add_argument("--only", default=None, help="comma-separated variants: sdpo,trl_default,trl_precompute,"
                                                  "sdpo_compile,sdpo_packed,sdpo_packed_compile or --variant names")
     ap.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE,...",
-                    help="an extra sdpo variant with config overrides, e.g. sdpo_b32:train.inference.batch_size=32")
+                    help="an extra sdpo variant with config overrides, e.g. sdpo_b32:inference.batch_size=32")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads per worker (default 8; smoke 1)")
     ap.add_argument("--workdir", default=None, help="keep model, rows and logs here (default: a temp dir, removed)")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -560,9 +372,9 @@ def main() -> None:
         if a.worker == "prep":
             prep(work, st)
         elif a.worker == "sdpo":
-            run_sdpo(work, st, a.name, a.set, threads)
+            sdpo_worker(work, st, a.name, a.set, threads)
         elif a.worker in ("trl_default", "trl_precompute"):
-            run_trl(work, st, a.worker == "trl_precompute", threads)
+            trl_worker(work, st, a.worker == "trl_precompute", threads)
         else:
             raise SystemExit(f"unknown worker {a.worker}")
         return
@@ -576,8 +388,8 @@ def main() -> None:
     print(f"gpu bench{' (SMOKE: CPU, tiny model, fp32)' if st.smoke else ''}: {st.updates} updates x {st.batch} pairs, "
           f"max_length {st.max_length}, warm-up {st.warmup} updates excluded, budget {a.budget:.0f}s, work dir "
           f"{work}", flush=True)
-    info = _spawn(work, ["--worker", "prep", *(["--smoke"] if st.smoke else []), *_size_args(a)], threads,
-                  min(180, deadline - time.perf_counter()), work / "logs" / "prep.log")
+    info = _spawn(work, "prep", ["--worker", "prep", *(["--smoke"] if st.smoke else []), *_size_args(a)], threads,
+                  min(180, deadline - time.perf_counter()))
     if info is None:
         raise SystemExit("prep failed")
     peak = float(os.environ.get("PEAK_TFLOPS", PEAK_TFLOPS_DEFAULT)) * 1e12
@@ -609,8 +421,7 @@ def main() -> None:
         if left < 30:
             print(f"  {name:<22} SKIPPED: {left:.0f}s of the budget left", flush=True)
             continue
-        r = _spawn(work, [*args, *(["--smoke"] if st.smoke else []), *_size_args(a)], threads, min(cap, left),
-                   work / "logs" / f"{name}.log")
+        r = _spawn(work, name, [*args, *(["--smoke"] if st.smoke else []), *_size_args(a)], threads, min(cap, left))
         if r is None:
             print(f"  {name:<22} FAILED", flush=True)
             results[name] = {"kind": name, "failed": True}
@@ -618,11 +429,12 @@ def main() -> None:
             r["mfu"], r["mfu_non_embedding"] = mfu(r["tok_s"], info["params"]), mfu(r["tok_s"],
                                                                                  info["params_non_embedding"])
             results[name] = r
-            print(f"  {name:<22} {_fmt(r['tok_s'])} tok/s (distinct)  {_fmt(r['trl_tok_s'])} TRL-count tok/s  "
-                  f"{_fmt(r['s_per_update'], 3)} s/update  peak GPU {_fmt(r['peak_gpu_gib'], 1)} GiB  "
-                  f"MFU {_fmt(r['mfu'], pct=True)}  loss {r['first_loss']:.4f} -> {r['last_loss']:.4f}"
+            ref = "reflogp stage" if r["system"] == "sdpo" else "ref pass"
+            print(f"  {name:<22} {fmt(r['tok_s'])} tok/s (distinct)  {fmt(r['trl_tok_s'])} TRL-count tok/s  "
+                  f"{fmt(r['s_per_update'], 3)} s/update  peak GPU {fmt(r['peak_gpu_gib'], 1)} GiB  "
+                  f"MFU {fmt(r['mfu'], pct=True)}  loss {r['first_loss']:.4f} -> {r['last_loss']:.4f}"
                   + (f"  ln2 {r['ln2_check']}" if r.get("ln2_check") else "")
-                  + (f"  ref pass {_fmt(r['ref_pairs_per_s'], 1)} pairs/s" if r.get("ref_pairs_per_s") else ""),
+                  + (f"  {ref} {fmt(r['ref_pairs_per_s'], 1)} pairs/s" if r.get("ref_pairs_per_s") else ""),
                   flush=True)
         save()
     save()
@@ -653,12 +465,14 @@ def _report(info: dict, results: dict, peak: float, st: Setup, elapsed: float) -
             print(f"{name:<22} FAILED")
             continue
         other_peak = r.get("reflogp_peak_gpu_gib") if r["system"] == "sdpo" else r.get("process_peak_gpu_gib")
-        print(f"{name:<22} {_fmt(r['tok_s']):>9} {_fmt(r['trl_tok_s']):>10} {_fmt(r['s_per_update'], 3):>9} "
-              f"{_fmt(r['peak_gpu_gib'], 2):>9} {_fmt(r['mfu'], pct=True):>7} "
-              f"{_fmt(r['mfu_non_embedding'], pct=True):>10} {_fmt(r.get('ref_pairs_per_s'), 1):>11} "
-              f"{_fmt(other_peak, 2):>10} {_fmt(r.get('peak_rss_mb')):>7}")
-    print("  tok/s: distinct tokens (P + C + R per pair) per second; TRL-count: 2P + C + R; stage peak: sdpo's "
-          "reflogp stage, TRL's whole process (GiB, CUDA allocated); RSS: the worker process's peak")
+        print(f"{name:<22} {fmt(r['tok_s']):>9} {fmt(r['trl_tok_s']):>10} {fmt(r['s_per_update'], 3):>9} "
+              f"{fmt(r['peak_gpu_gib'], 2):>9} {fmt(r['mfu'], pct=True):>7} "
+              f"{fmt(r['mfu_non_embedding'], pct=True):>10} {fmt(r.get('ref_pairs_per_s'), 1):>11} "
+              f"{fmt(other_peak, 2):>10} {fmt(r.get('peak_rss_mb')):>7}")
+    print("  tok/s: distinct tokens (P + C + R per pair) per second (sdpo: from its train log); TRL-count: 2P + C + R "
+          "(sdpo: its rate x the step's (2P+C+R)/(P+C+R)); ref pairs/s: sdpo's whole reflogp stage (model load "
+          "included), TRL's precompute pass; stage peak: sdpo's reflogp stage, TRL's whole process (GiB, CUDA "
+          "allocated); RSS: the worker process's peak")
     for name, r in ok.items():
         if r["system"] == "trl" and r.get("token_mismatch_rows"):
             print(f"  ! {name}: TRL tokenised {r['token_mismatch_rows']} rows differently from ours")
@@ -666,8 +480,11 @@ def _report(info: dict, results: dict, peak: float, st: Setup, elapsed: float) -
             print(f"  ! {name}: TRL counted {r['trl_num_tokens']} tokens, we counted {r['our_trl_tokens']}")
         if r["system"] == "sdpo" and r.get("ln2_check") not in (None, "ok"):
             print(f"  ! {name}: update 0 ln 2 check {r.get('ln2_check')}")
-        if r.get("token_counts_approximate"):
-            print(f"  ! {name}: token counts per update approximated from the log")
+        if r["system"] == "sdpo" and not r.get("log_counts_ok"):
+            print(f"  ! {name}: the train log counted {r.get('log_pairs')} pairs / {r.get('log_tokens')} tokens, the "
+                  f"step's data holds {r.get('data_pairs')} / {r.get('data_tokens')}")
+        if r["system"] == "sdpo" and r.get("token_mismatch_rows"):
+            print(f"  ! {name}: sdpo split tokenised {r['token_mismatch_rows']} rows differently from ours")
     print(f"\ngpu bench finished in {elapsed:.0f}s")
 
     def num(x, digits=1):

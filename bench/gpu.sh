@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# sdpo vs TRL 1.16 DPOTrainer on the lent GPU machine (bench/gpu.py; docs/performance.md "GPU"), in one device
+# sdpo vs TRL 1.16 DPOTrainer on the lent GPU machine (python -m bench.gpu; docs/performance.md "GPU"), in one device
 # call of under 5 minutes: a 0.5B Qwen2-shaped model, bf16 autocast, tokens/s, peak GPU memory and MFU per variant.
 #
 # 1. Here, in the repo root (no GPU needed; once per checkout, again after the venv's versions change):
@@ -13,7 +13,7 @@
 #    that would start too late are skipped and named. Then give_back, unless you rerun at once.
 # Output: the table and a final `RESULT gpu ...` line in output_tail; $OUT/gpu_bench.json (every figure, per-update
 # times), $OUT/gpu_bench.out (this console) and $OUT/gpu_bench_workers.log (each variant's own log) come back.
-# Arguments go to bench/gpu.py, e.g. `bash bench/gpu.sh --only sdpo,sdpo_compile` or `--batch 8 --updates 40`.
+# Arguments go to bench.gpu, e.g. `bash bench/gpu.sh --only sdpo,sdpo_compile` or `--batch 8 --updates 40`.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 ROOT=$(pwd)
@@ -22,7 +22,7 @@ start=$(date +%s)
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm,power.limit --format=csv,noheader || {
-  echo "gpu.sh: nvidia-smi failed: no GPU here (on CPU: python bench/gpu.py --smoke)"; exit 2; }
+  echo "gpu.sh: nvidia-smi failed: no GPU here (on CPU: python -m bench.gpu --smoke)"; exit 2; }
 
 if compgen -G ".whl/*.whl" >/dev/null; then
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -49,12 +49,18 @@ if not torch.cuda.is_available():
     sys.exit("gpu.sh: torch sees no CUDA device")
 if int(version("pyarrow").split(".")[0]) < 24:
     print("gpu.sh: WARNING: datasets 5.2 wants pyarrow >= 24; this machine's is older", flush=True)
+import importlib
+for module in ("trl", "sdpo_cli.split", "sdpo_cli.reflogp", "sdpo_cli.train", "bench.gpu"):  # fail now, not per run
+    try:
+        importlib.import_module(module)
+    except Exception as e:
+        sys.exit(f"gpu.sh: import {module} failed: {type(e).__name__}: {e} (a package to add to GPU_WHEEL_PKGS?)")
 EOF
 
 budget=${GPU_BENCH_BUDGET:-$((285 - ($(date +%s) - start)))}
 if [ -n "${OUT:-}" ]; then
   mkdir -p "$OUT"
-  "$PY" bench/gpu.py --budget "$budget" "$@" 2>&1 | tee "$OUT/gpu_bench.out"
+  "$PY" -m bench.gpu --budget "$budget" "$@" 2>&1 | tee "$OUT/gpu_bench.out"
 else
-  "$PY" bench/gpu.py --budget "$budget" "$@"
+  "$PY" -m bench.gpu --budget "$budget" "$@"
 fi
