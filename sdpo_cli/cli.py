@@ -5,13 +5,19 @@ Run as: sdpo <split|reflogp|train|run|gamma|eval> CONFIG [key=value ...]   (see 
 stdout carries results (artifact paths, the γ table or JSON); progress and diagnostics go to stderr. A user mistake
 ends as `Error: ...` + `Hint: ...` on stderr with exit code 2 (usage/config/data) or 1, and no traceback unless
 SDPO_DEBUG=1.
+
+A command that writes the run directory holds it for its whole run (`_run_dir`): the folder must be sdpo's
+(rundir.RunDir.ensure), no other sdpo process may hold its lock (lock.py), and what killed writers left there is
+resolved first (RunDir.recover). Ctrl-C anywhere in a command prints `Interrupted. ...` and exits 130.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, List, Optional
 
@@ -45,8 +51,50 @@ def _config(config: Path, overrides: list[str] | None):
     """The command's config (mistakes are reported before torch is imported) and its run context, built once here and
     passed down to the stage."""
     from sdpo_cli.config import load_config
+    from sdpo_cli.runtime import apply_runtime  # runtime.threads, set once before any torch work
 
-    return load_config(config, overrides), RunContext.from_env(config_path=str(config))
+    return apply_runtime(load_config(config, overrides)), RunContext.from_env(config_path=str(config))
+
+
+class _CtrlC(Exception):
+    """Ctrl-C inside a command, carried past typer to main() (typer turns a KeyboardInterrupt into a silent
+    Exit(130) before main() would see it: typer/core.py `_main`)."""
+
+
+def _interruptible(command):
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except KeyboardInterrupt:
+            raise _CtrlC() from None
+
+    return wrapper
+
+
+@contextmanager
+def _run_dir(cfg, ctx: RunContext, *, required: bool = True):
+    """The run directory, for one command that writes it: sdpo's own (RunDir.ensure: created and marked, or refused
+    when it is a folder of the user's), locked by this command (lock.py; rank 0 for the whole job), and cleared of
+    what killed writers left (RunDir.recover). Yields None; with required=False (gamma) it yields instead the
+    reason why this command must not write there (read-only, another process holds it)."""
+    from sdpo_cli.lock import hold
+    from sdpo_cli.rundir import RunDir
+
+    run = RunDir(cfg.run_dir)
+    if ctx.is_main:
+        try:
+            run.ensure()
+        except SdpoError as e:
+            if required:
+                raise
+            yield e.message
+            return
+    with hold(run.root, ctx, required=required) as blocked:
+        if blocked is None and ctx.is_main:
+            for line in run.recover():
+                ctx.info(line)
+        yield blocked
 
 
 def _record(cfg, ctx: RunContext) -> None:
@@ -59,6 +107,7 @@ def _record(cfg, ctx: RunContext) -> None:
 
 
 @app.command()
+@_interruptible
 def split(config: ConfigArg, overrides: Overrides = None, force: ForceOpt = False) -> None:
     """Build the step datasets data/step-1..T (and data/eval) from the configured sources.
 
@@ -67,57 +116,65 @@ def split(config: ConfigArg, overrides: Overrides = None, force: ForceOpt = Fals
     Stratified: sdpo split configs/fixtures.yaml split.strategy=stratified split.steps=null 'split.fractions=[0.5,0.5]'
     """
     cfg, ctx = _config(config, overrides)
-    from sdpo_cli.split import run_split
+    with _run_dir(cfg, ctx):  # before the imports: a refusal does not wait for torch
+        from sdpo_cli.split import run_split
 
-    paths = run_split(cfg, force=force, ctx=ctx)
-    _record(cfg, ctx)
+        paths = run_split(cfg, force=force, ctx=ctx)
+        _record(cfg, ctx)
     for path in paths:
         ctx.out.print(str(path))
 
 
 @app.command()
+@_interruptible
 def reflogp(config: ConfigArg, step: StepOpt, overrides: Overrides = None, force: ForceOpt = False) -> None:
     """Precompute reference log-probs (and γ_ref) of D_t with the step's reference (M_{t-1} by default).
 
     Example: sdpo reflogp configs/fixtures.yaml --step 2 run_dir=runs/demo
     """
     cfg, ctx = _config(config, overrides)
-    from sdpo_cli.reflogp import run_reflogp
+    with _run_dir(cfg, ctx):
+        from sdpo_cli.reflogp import run_reflogp
 
-    out = run_reflogp(cfg, step, force=force, ctx=ctx)
-    _record(cfg, ctx)
+        out = run_reflogp(cfg, step, force=force, ctx=ctx)
+        _record(cfg, ctx)
     ctx.out.print(str(out))
 
 
 @app.command()
+@_interruptible
 def train(config: ConfigArg, step: StepOpt, overrides: Overrides = None, force: ForceOpt = False) -> None:
     """Run one DPO step on D_t, starting from M_{t-1}; writes checkpoints/step-t (M_t).
 
     Example: sdpo train configs/fixtures.yaml --step 1 run_dir=runs/demo train.learning_rate=1e-5
     """
     cfg, ctx = _config(config, overrides)
-    from sdpo_cli.train import run_train
+    with _run_dir(cfg, ctx):
+        from sdpo_cli.train import run_train
 
-    out = run_train(cfg, step, force=force, ctx=ctx)
-    _record(cfg, ctx)
+        out = run_train(cfg, step, force=force, ctx=ctx)
+        _record(cfg, ctx)
     ctx.out.print(str(out))
 
 
 @app.command()
+@_interruptible
 def run(config: ConfigArg, overrides: Overrides = None, force: ForceOpt = False) -> None:
     """Run every stage of every step (split, then reflogp + train per step), skipping finished stages.
 
     Example: sdpo run configs/fixtures.yaml run_dir=runs/demo
     """
     cfg, ctx = _config(config, overrides)
-    from sdpo_cli.pipeline import run_all
+    with _run_dir(cfg, ctx):
+        from sdpo_cli.pipeline import run_all
 
-    out = run_all(cfg, force=force, ctx=ctx)
-    _record(cfg, ctx)
+        out = run_all(cfg, force=force, ctx=ctx)
+        _record(cfg, ctx)
     ctx.out.print(str(out))
 
 
 @app.command()
+@_interruptible
 def gamma(
     config: ConfigArg,
     overrides: Overrides = None,
@@ -135,7 +192,10 @@ def gamma(
     cfg, ctx = _config(config, overrides)
     from sdpo_cli.gamma import run_gamma
 
-    results = run_gamma(cfg, checkpoint, data, ctx=ctx)
+    # gamma only reads finished artifacts: where it may not write (read-only, another process holds the run
+    # directory) it still computes and prints, and says once that nothing was saved
+    with _run_dir(cfg, ctx, required=False) as blocked:
+        results = run_gamma(cfg, checkpoint, data, ctx=ctx, blocked=blocked)
     if plot is not None:
         from sdpo_cli.reports import plot_gamma
 
@@ -153,6 +213,7 @@ def gamma(
 
 
 @app.command("eval")
+@_interruptible
 def evaluate(
     config: ConfigArg,
     overrides: Overrides = None,
@@ -178,7 +239,8 @@ def evaluate(
     task_list = [t.strip() for item in tasks for t in item.split(",") if t.strip()] if tasks else None
     from sdpo_cli.evaluate import eval_table, run_eval
 
-    report = run_eval(cfg, checkpoint, task_list, limit, force=force, ctx=ctx)
+    with _run_dir(cfg, ctx):
+        report = run_eval(cfg, checkpoint, task_list, limit, force=force, ctx=ctx)
     if as_json:
         ctx.out.print(json.dumps(report, indent=2), markup=False, highlight=False)
         return
@@ -198,7 +260,7 @@ def main() -> None:
         _fail(e)
     except SystemExit:
         raise
-    except KeyboardInterrupt:
+    except (_CtrlC, KeyboardInterrupt):
         RunContext.from_env().err.print("Interrupted. Finished stages are kept; rerun the same command to continue.")
         sys.exit(130)
 

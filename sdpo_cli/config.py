@@ -4,8 +4,9 @@ Run as: any `sdpo <command> CONFIG [key=value ...]`. The schema is an omegaconf 
 unknown key is an error that names it, and a key with a fixed set of values has a `Choice` enum as its type, so a value
 outside it is an error that lists the allowed ones (each set is written once, in its enum). `load_config` collects
 every problem of a config (unknown keys, wrong types, missing values, then the per-section checks) and reports them in
-one `ConfigError`. It returns the dataclasses with plain `str` values, so the rest of the code, `to_yaml` and the
-fingerprints see the strings they always saw. Relative paths written in the YAML file (model, data sources) are
+one `ConfigError`; the hint of an unknown key names the valid keys it may have meant, in full (`_suggest`). It
+returns the dataclasses with plain `str` values, so the rest of the code, `to_yaml` and the fingerprints see the
+strings they always saw. Relative paths written in the YAML file (model, data sources) are
 resolved against the YAML file's folder; `run_dir` and paths given on the command line are resolved against the
 working directory. Every key is documented in docs/configs.md.
 """
@@ -13,6 +14,8 @@ working directory. Every key is documented in docs/configs.md.
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import functools
 import importlib.util
 import math
 import re
@@ -116,6 +119,9 @@ SCHEDULES = Schedule.values()
 MIXED_PRECISIONS = MixedPrecision.values()
 LAYOUTS = Layout.values()
 QUANTIZATIONS = ("4bit", "8bit")  # model.quantization (bitsandbytes): not identifiers, so a str checked by the schema
+# model.chat_template: the built-in templates by name (their Jinja text is models.CHAT_TEMPLATES, in this order); any
+# other value must be a Jinja template itself. A str, not a Choice: checked by _chat_template_problems.
+CHAT_TEMPLATE_NAMES = ("solar", "chatml", "qwen2", "zephyr", "llama3", "mistral", "gemma", "phi3", "vicuna")
 
 
 @dataclass
@@ -135,8 +141,8 @@ class ModelConfig:
     revision: Optional[str] = None
     dtype: DType = DType.float32  # see docs/configs.md: keep float32 for training
     attn_implementation: Optional[str] = "sdpa"  # sdpa | eager | flash_attention_2 | None (transformers default)
-    chat_template: Optional[str] = None  # Jinja string or solar|chatml|zephyr; replaces the tokenizer's own if set
-    # (a tokenizer without a template gets the built-in solar one)
+    chat_template: Optional[str] = None  # one of CHAT_TEMPLATE_NAMES or a Jinja template; replaces the tokenizer's own
+    # if set (a tokenizer without a template gets the built-in solar one)
     pad_token: Optional[str] = None  # used when the tokenizer has none; default: unk, else eos
     trust_remote_code: bool = False
     allow_pickle: bool = False  # load .bin/.pt checkpoints (pickle); safetensors only by default
@@ -220,6 +226,12 @@ class EvalConfig:
 
 
 @dataclass
+class RuntimeConfig:
+    # How this process runs, not what it computes: in no fingerprint (sdpo_cli/runtime.py applies it)
+    threads: Optional[int] = None  # torch CPU threads per process; None: OMP_NUM_THREADS if set, else torch's default
+
+
+@dataclass
 class SdpoConfig:
     run_dir: str = "runs/default"
     seed: int = 42
@@ -231,6 +243,7 @@ class SdpoConfig:
     inference: InferenceConfig = field(default_factory=InferenceConfig)
     peft: LoraConfig = field(default_factory=LoraConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)  # last: config.yaml gains it at its end
 
 
 @dataclass
@@ -287,7 +300,7 @@ def load_config(path: Path | str, overrides: list[str] | None = None) -> SdpoCon
         try:
             cfg.merge_with_dotlist([item])
         except OmegaConfBaseException as e:
-            problems.append(_problem(e, origin=f"override {item!r}"))
+            problems.append(_problem(e, origin=f"override {item!r}", written=item.split("=", 1)[0].strip()))
 
     missing = sorted(OmegaConf.missing_keys(cfg))
     problems += [Problem(k, f"missing value for key '{k}'", f"set it: {_dotted(k)}=...", keyed=False) for k in missing]
@@ -297,6 +310,9 @@ def load_config(path: Path | str, overrides: list[str] | None = None) -> SdpoCon
         obj: SdpoConfig = _plain(OmegaConf.to_object(cfg))
     except OmegaConfBaseException as e:
         raise report(where, [*problems, _problem(e)]) from None
+    for source in obj.data.sources + ([obj.data.eval] if obj.data.eval else []):
+        if source.columns and source.format == Format.auto:  # a column mapping says which format it is for
+            source.format = Format.columns.value
     problems += config_problems(obj, skip={p.section for p in problems if p.refused})
     if problems:
         raise report(where, problems)
@@ -352,18 +368,22 @@ def _one_line(e: Exception) -> str:
     return " ".join(str(e).split("\n")[0].split())
 
 
-def _problem(e: OmegaConfBaseException, origin: Optional[str] = None, item: str = "") -> Problem:
+def _problem(e: OmegaConfBaseException, origin: Optional[str] = None, item: str = "", written: str = "") -> Problem:
     """omegaconf's error as a Problem. A value outside its Choice is reported as the section checks would (`<key>:
-    unknown <what> '<value>'`, with the allowed values), and against the file even when an override set it."""
+    unknown <what> '<value>'`, with the allowed values), and against the file even when an override set it. An
+    unknown key is named in full (`written`: the key of the override as typed, which omegaconf cuts at the first
+    unknown part) with the valid keys it may have meant (`_suggest`)."""
     key = str(getattr(e, "full_key", None) or "")
     # An unknown key is a ConfigKeyError from the YAML merge but a ConfigAttributeError from a dotlist override.
     if isinstance(e, (ConfigKeyError, ConfigAttributeError)):
-        if "." not in key and getattr(getattr(e, "object_type", None), "__name__", "") == "SourceConfig":
+        if item:
+            key = item + key  # a list item merged alone: omegaconf knows only the key inside it
+        elif "." not in key and getattr(getattr(e, "object_type", None), "__name__", "") == "SourceConfig":
             key = f"data.sources[].{key}"  # omegaconf drops the path of keys inside list items
-        hint = "valid keys are listed in docs/configs.md"
-        suggestion = re.search(r"Did you mean([^?]*)\?", str(e))  # omegaconf's "Did you mean: 'beta'?"
-        return Problem(key, f"unknown config key '{key}'",
-                       f"did you mean{suggestion.group(1)}? {hint}" if suggestion else hint, origin, keyed=False)
+        key = _dotted(written or key)
+        suggestions = _suggest(key)
+        hint = f"did you mean {_either(suggestions)}?" if suggestions else "valid keys are listed in docs/configs.md"
+        return Problem(key, f"unknown config key '{key}'", hint, origin, keyed=False)
     key = item + key
     choice = _choice_of(getattr(e, "object_type", None), getattr(e, "key", None))
     if isinstance(e, ValidationError) and choice is not None:
@@ -372,6 +392,74 @@ def _problem(e: OmegaConfBaseException, origin: Optional[str] = None, item: str 
         return Problem(key, f"bad value for '{key}': {_one_line(e)}", "see docs/configs.md for its type", origin,
                        keyed=False, refused=True)
     return Problem(key, _one_line(e), "see docs/configs.md", origin, keyed=False)
+
+
+def _either(options: List[str]) -> str:
+    return " or ".join(options) if len(options) < 3 else ", ".join(options[:-1]) + " or " + options[-1]
+
+
+def _inner(hint: Any) -> tuple[Optional[type], bool]:
+    """The config dataclass a field of type `hint` holds, if any (through Optional and List), and whether a list."""
+    if dataclasses.is_dataclass(hint):
+        return hint, False
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if typing.get_origin(hint) is list and args:
+        return _inner(args[0])[0], True
+    if typing.get_origin(hint) is typing.Union and len(args) == 1:
+        return _inner(args[0])
+    return None, False
+
+
+def _schema_at(parts: List[str]) -> Optional[type]:
+    """The config dataclass at the dotted path `parts` ([] is SdpoConfig; ['data', 'sources', '0'] a SourceConfig)."""
+    kind: Optional[type] = SdpoConfig
+    many = False
+    for part in parts:
+        if many:  # a list index
+            if not (part.isdigit() or part == "N"):
+                return None
+            many = False
+        elif kind is None or part not in {f.name for f in dataclasses.fields(kind)}:
+            return None
+        else:
+            kind, many = _inner(typing.get_type_hints(kind)[part])
+    return None if many else kind
+
+
+@functools.cache
+def _schema_keys() -> tuple[str, ...]:
+    """Every key of the schema, dotted; the keys of a list item with N for its index (data.sources.N.limit)."""
+    def walk(kind: type, prefix: str):
+        for name, hint in typing.get_type_hints(kind).items():
+            inner, many = _inner(hint)
+            if inner is None:
+                yield prefix + name
+            else:
+                yield from walk(inner, f"{prefix}{name}.N." if many else f"{prefix}{name}.")
+    return tuple(walk(SdpoConfig, ""))
+
+
+def _suggest(key: str) -> List[str]:
+    """The valid keys an unknown dotted `key` may have meant, in full: a close key of its own section (dpo.bta ->
+    dpo.beta), else every key of that name in any section (beta, train.beta -> dpo.beta), else the closest key
+    (trian.lerning_rate -> train.learning_rate), else the keys with the closest name (bta -> dpo.beta)."""
+    *parent, name = key.split(".")
+    kind = _schema_at(parent)
+    if kind is not None:  # its section's own keys (not the sections within: `limit` is no typo of `split`)
+        hints = typing.get_type_hints(kind)
+        close = difflib.get_close_matches(name, [k for k, hint in hints.items() if _inner(hint)[0] is None], n=1)
+        if close:
+            return [".".join([*parent, close[0]])]
+    keys = _schema_keys()
+    leaves = {k: k.rsplit(".", 1)[-1] for k in keys}
+    same = [k for k in keys if leaves[k] == name]
+    if same:
+        return same
+    close = difflib.get_close_matches(key, keys, n=1)
+    if close:
+        return close
+    names = difflib.get_close_matches(name, sorted(set(leaves.values())), n=1)
+    return [k for k in keys if names and leaves[k] == names[0]]
 
 
 _NOUNS = {DType: "dtype", Format: "format", Strategy: "strategy", Loss: "loss", Schedule: "schedule", Layout: "layout"}
@@ -522,6 +610,26 @@ def _model_problems(cfg: SdpoConfig) -> List[Problem]:
     return problems
 
 
+def is_jinja(template: str) -> bool:
+    """A model.chat_template value that is a Jinja template rather than a built-in's name."""
+    return "{{" in template or "{%" in template
+
+
+def chat_template_problems(template: Optional[str]) -> List[Problem]:
+    """model.chat_template: null, a name of CHAT_TEMPLATE_NAMES, or a Jinja template. Anything else would be used as
+    a template that renders itself for every prompt (and the error would come later, blaming the prompts' length)."""
+    if template is None or template in CHAT_TEMPLATE_NAMES or is_jinja(template):
+        return []
+    close = difflib.get_close_matches(template.lower(), CHAT_TEMPLATE_NAMES, n=1)
+    hint = (f"did you mean {close[0]}? " if close else "") + f"use one of {' | '.join(CHAT_TEMPLATE_NAMES)}, a Jinja " \
+        "template (with {{ or {%), or null for the tokenizer's own"
+    return [Problem("model.chat_template", f"unknown chat template {template!r}", hint)]
+
+
+def _chat_template_problems(cfg: SdpoConfig) -> List[Problem]:
+    return chat_template_problems(cfg.model.chat_template)
+
+
 def _data_problems(cfg: SdpoConfig) -> List[Problem]:
     data, problems = cfg.data, []
     if not data.sources:
@@ -535,6 +643,9 @@ def _data_problems(cfg: SdpoConfig) -> List[Problem]:
         if source.format == Format.columns and not source.columns:
             problems.append(Problem(f"{key}.columns", "format 'columns' needs a column mapping",
                                     "e.g. columns: {prompt: q, ...}"))
+        elif source.columns and source.format not in (Format.columns, Format.auto):
+            problems.append(Problem(f"{key}.columns", f"a column mapping is only read by format 'columns', not "
+                                    f"'{source.format}'", "remove columns, or set format: columns (or auto)"))
         if source.limit is not None and source.limit < 1:
             problems.append(Problem(f"{key}.limit", "must be at least 1", "remove it to use every row"))
     if data.max_length < 2:
@@ -612,6 +723,13 @@ def _inference_problems(cfg: SdpoConfig) -> List[Problem]:
     return []
 
 
+def _runtime_problems(cfg: SdpoConfig) -> List[Problem]:
+    if cfg.runtime.threads is not None and cfg.runtime.threads < 1:
+        return [Problem("runtime.threads", "must be at least 1",
+                        "or null: OMP_NUM_THREADS if set, else torch's default")]
+    return []
+
+
 def _eval_problems(cfg: SdpoConfig) -> List[Problem]:
     problems = eval_problems(cfg.eval.tasks, cfg.eval.limit)
     if cfg.eval.batch_size < 1:
@@ -622,6 +740,7 @@ def _eval_problems(cfg: SdpoConfig) -> List[Problem]:
 # (sections a check reads, the check), in the order problems are reported
 _CHECKS: tuple[tuple[tuple[str, ...], Callable[[SdpoConfig], List[Problem]]], ...] = (
     (("model", "peft"), _model_problems),
+    (("model",), _chat_template_problems),
     (("data",), _data_problems),
     (("split", "data"), _split_problems),
     (("dpo",), _dpo_problems),
@@ -629,6 +748,7 @@ _CHECKS: tuple[tuple[tuple[str, ...], Callable[[SdpoConfig], List[Problem]]], ..
     (("peft",), _peft_problems),
     (("inference",), _inference_problems),
     (("eval",), _eval_problems),
+    (("runtime",), _runtime_problems),
 )
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from sdpo_cli import integrity
 from sdpo_cli.config import SdpoConfig, num_steps, section
 from sdpo_cli.models import model_identity, reference_model, target_init_model, tokenizer_identity
 from sdpo_cli.rundir import RunDir, file_fingerprint, fingerprint, read_meta
@@ -76,7 +77,8 @@ def train_fp(cfg: SdpoConfig, run: RunDir, step: int) -> str:
 
 
 def require_data(cfg: SdpoConfig, run: RunDir, step: int | str, tok) -> Path:
-    """data/step-t, finished and made from the current config; else an error that says how to redo it."""
+    """data/step-t, finished, made from the current config and intact (integrity.verify); else an error that says
+    how to redo it."""
     from sdpo_cli.errors import ArtifactError
 
     path = run.data(step)
@@ -86,6 +88,7 @@ def require_data(cfg: SdpoConfig, run: RunDir, step: int | str, tok) -> Path:
     if meta.get("fingerprint") != split_fp(cfg, tok):
         raise ArtifactError(f"{path} is stale: the data/split config, tokenizer or source files changed since it "
                             "was written", hint="sdpo split CONFIG --force  # then redo the later stages")
+    integrity.verify(path)  # the stage reads it next: every file's size and content as written
     return path
 
 

@@ -5,7 +5,9 @@ Run as: sdpo gamma CONFIG [--checkpoint base|step-N|PATH ...] [--data step-N|eva
 Used as a reference, a model with a higher mean γ is a stricter lower bound for DPO (sDPO §2.2); the paper reports
 −38.60 (S), −25.10 (M_1) and 84.35 (M_2) on UltraFeedback. Defaults: every finished checkpoint (base, step-1..T)
 on the last step's data. Log-probs already computed by `reflogp` for the same model and data are reused; others are
-cached under cache/logps/ so a second call is instant.
+cached under cache/logps/ so a second call is instant. Where gamma may not write (a read-only folder, a full disk,
+another sdpo process holding the run directory) it still computes and returns every result, and warns once that
+the cache and reports/gamma.json were not written.
 """
 
 from __future__ import annotations
@@ -13,23 +15,27 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
+from sdpo_cli import integrity
 from sdpo_cli.config import SdpoConfig, SourceConfig, num_steps
 from sdpo_cli.context import RunContext
 from sdpo_cli.data.formats import load_pairs
 from sdpo_cli.data.tokenize import tokenize_pairs
-from sdpo_cli.errors import ConfigError, DataError
+from sdpo_cli.errors import ConfigError, DataError, SdpoError
 from sdpo_cli.fingerprints import data_fp, logps_fp, require_data
 from sdpo_cli.models import check_base, disable_dropout, finished_checkpoints, load_model, named_model
 from sdpo_cli.rundir import RunDir, file_fingerprint, read_meta, write_json_atomic, writing
 
 
 def run_gamma(cfg: SdpoConfig, checkpoints: list[str] | None = None, data: str | None = None, *,
-              ctx: RunContext | None = None) -> list[dict]:
-    """One summary per checkpoint: {checkpoint, data, n, mean, std, median, frac_positive}."""
+              ctx: RunContext | None = None, blocked: str | None = None) -> list[dict]:
+    """One summary per checkpoint: {checkpoint, data, n, mean, std, median, frac_positive}. `blocked`: why this call
+    must not write the run directory (cli.py: another process holds it, or it is not writable); nothing is then
+    cached or reported, and one warning says so."""
     import datasets
 
     ctx = ctx or RunContext.from_env()
     run = RunDir(cfg.run_dir)
+    saved = _Saving(ctx, blocked)
     check_base(cfg.model)
     tok = ctx.tokenizer(cfg.model)
     data = data or f"step-{num_steps(cfg)}"
@@ -37,24 +43,54 @@ def run_gamma(cfg: SdpoConfig, checkpoints: list[str] | None = None, data: str |
     if checkpoints is None:
         checkpoints = finished_checkpoints(cfg, run)
     results = []
+    named = [named_model(cfg, run, name) for name in checkpoints]
+    for _, source in named:
+        # a checkpoint we wrote: all its files present with their sizes, before any scoring, also when its γ is
+        # reused (its weights are then not read; load_model verifies their content when it loads them)
+        integrity.check_sizes(Path(source))
     model_cache = None
-    for name in checkpoints:
-        label, source = named_model(cfg, run, name)
+    for label, source in named:
         fp = logps_fp(cfg, data_identity, source)
         gammas = _reuse(run, fp)
         if gammas is None:
             model_cache = model_cache or _Scorer(cfg, tok, ctx)
             gammas = model_cache.gammas(source, pairs, f"γ {label} on {data}")
-            if ctx.is_main:
-                cached = run.cache / "logps" / f"{_safe(label)}--{_safe(data)}"
+            cached = run.cache / "logps" / f"{_safe(label)}--{_safe(data)}"
+
+            def cache(cached=cached, fp=fp, source=source, gammas=gammas):
                 with writing(cached, {"stage": "gamma", "fingerprint": fp, "model": source, "data": data,
                                       "rows": len(gammas)}) as tmp:
                     datasets.Dataset.from_dict({"id": pairs["id"], "gamma": gammas}).save_to_disk(str(tmp))
+
+            saved.write(cache)
             model_cache.accelerator.wait_for_everyone()
         results.append(summarize(label, data, gammas))
-    if ctx.is_main:
-        write_json_atomic(run.reports / "gamma.json", results)
+    saved.write(lambda: write_json_atomic(run.reports / "gamma.json", results))
+    saved.report()
     return results
+
+
+class _Saving:
+    """gamma's writes (the cache, reports/gamma.json) on the main process, while it may write: the first that
+    fails (a read-only folder, a full disk) stops the others, and `report` warns once."""
+
+    def __init__(self, ctx: RunContext, blocked: str | None):
+        self.ctx, self.blocked = ctx, blocked
+
+    def write(self, save) -> None:
+        if not self.ctx.is_main or self.blocked is not None:
+            return
+        try:
+            save()
+        except OSError as e:
+            self.blocked = f"{e.filename or 'the run directory'} is not writable ({e.strerror or e})"
+        except SdpoError as e:  # a full disk (rundir.disk_full_error), a folder in the way of the cache
+            self.blocked = e.message
+
+    def report(self) -> None:
+        if self.ctx.is_main and self.blocked is not None:
+            self.ctx.warn(f"gamma: the results are not saved (no cache/logps, no reports/gamma.json): "
+                          f"{self.blocked}")
 
 
 def summarize(checkpoint: str, data: str, gammas: list[float]) -> dict:
@@ -91,6 +127,7 @@ def _reuse(run: RunDir, fp: str) -> list[float] | None:
     for path in candidates:
         meta = read_meta(path)
         if meta and meta.get("fingerprint") == fp:
+            integrity.verify(path)
             table = datasets.load_from_disk(str(path))
             return list(table["gamma_ref" if "gamma_ref" in table.column_names else "gamma"])
     return None

@@ -6,21 +6,30 @@ with every checkpoint so that M_t loads with plain transformers and renders prom
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import os
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
-from sdpo_cli.config import DType, ModelConfig
+from sdpo_cli import integrity
+from sdpo_cli.config import DType, ModelConfig, chat_template_problems, report
 from sdpo_cli.errors import ConfigError, SdpoError, first_line
 from sdpo_cli.rundir import fingerprint
 
-# Built-in chat templates for tokenizers that ship none. Each renders the generation prompt as an exact prefix of
-# the full conversation, and ends an assistant turn with EOS so that the completion teaches the model to stop.
+# Built-in chat templates, for tokenizers that ship none (`model.chat_template: <name>`; CHAT_TEMPLATE_NAMES in
+# config.py lists the names). Each renders what its family's official template renders for text messages (the source
+# and any difference are named above it; tests/test_chat_templates.py pins a system/user/assistant conversation of
+# each), the generation prompt is an exact prefix of the full conversation, and an assistant turn ends with the
+# family's end-of-turn token, so that the completion teaches the model to stop. Markers such as <|eot_id|> or
+# <start_of_turn> are special tokens in the family's own vocabulary; a tokenizer without them splits them into
+# ordinary pieces.
 CHAT_TEMPLATES = {
-    # SOLAR-10.7B-Instruct (the paper's family): "### User:\n...\n\n### Assistant:\n"
+    # SOLAR-10.7B-Instruct (the paper's family): upstage/SOLAR-10.7B-Instruct-v1.0 tokenizer_config.json, plus BOS and
+    # an EOS after each assistant turn (the official template has neither); a system message gets a "### System:" block
     "solar": (
         "{{ bos_token if bos_token else '' }}{% for m in messages %}"
         "{% if m['role'] == 'system' %}{{ '### System:\n' + m['content'] + '\n\n' }}"
@@ -28,13 +37,81 @@ CHAT_TEMPLATES = {
         "{% elif m['role'] == 'assistant' %}{{ '### Assistant:\n' + m['content'] + eos_token }}"
         "{% endif %}{% endfor %}{% if add_generation_prompt %}{{ '### Assistant:\n' }}{% endif %}"
     ),
+    # ChatML as teknium/OpenHermes-2.5-Mistral-7B's tokenizer_config.json has it (Qwen's layout without Qwen's default
+    # system message: see qwen2); a system message is a turn of its own
     "chatml": (
         "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"
         "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
     ),
+    # Qwen/Qwen2-7B-Instruct tokenizer_config.json: ChatML, and "You are a helpful assistant." when no system message
+    "qwen2": (
+        "{% for m in messages %}{% if loop.first and m['role'] != 'system' %}"
+        "{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{% endif %}"
+        "{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+    ),
+    # HuggingFaceH4/zephyr-7b-beta tokenizer_config.json; a system message is a turn of its own
     "zephyr": (
         "{% for m in messages %}{{ '<|' + m['role'] + '|>\n' + m['content'] + eos_token + '\n' }}{% endfor %}"
         "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
+    ),
+    # meta-llama/Meta-Llama-3-8B-Instruct tokenizer_config.json: contents trimmed, each turn ends with <|eot_id|>; a
+    # system message is a turn of its own
+    "llama3": (
+        "{% for m in messages %}{% if loop.first %}{{ bos_token }}{% endif %}"
+        "{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\n\n' + m['content'] | trim + '<|eot_id|>' }}"
+        "{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+    ),
+    # mistralai/Mistral-7B-Instruct-v0.1 tokenizer_config.json (its 2024 revision, for the 32K vocabulary of Mistral 7B
+    # and SOLAR): " [INST] " with a leading space, so that [INST] after <s> is "▁[INST]" as in mistral_common; a system
+    # message is put before the first user message, followed by a blank line; roles must alternate user/assistant
+    "mistral": (
+        "{% if messages[0]['role'] == 'system' %}{% set system_message = messages[0]['content'] %}"
+        "{% set loop_messages = messages[1:] %}{% else %}{% set loop_messages = messages %}{% endif %}"
+        "{{ bos_token }}{% for m in loop_messages %}"
+        "{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}{{ raise_exception('After the optional system "
+        "message, conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+        "{% if m['role'] == 'user' %}{% if loop.first and system_message is defined %}"
+        "{{ ' [INST] ' + system_message + '\n\n' + m['content'] + ' [/INST]' }}"
+        "{% else %}{{ ' [INST] ' + m['content'] + ' [/INST]' }}{% endif %}"
+        "{% elif m['role'] == 'assistant' %}{{ ' ' + m['content'] + eos_token }}"
+        "{% else %}{{ raise_exception('Only user and assistant roles are supported, with the exception of an initial "
+        "optional system message!') }}{% endif %}{% endfor %}"
+    ),
+    # google/gemma-2-9b-it (= gemma-7b-it) tokenizer_config.json: the assistant is "model", contents trimmed, turns end
+    # with <end_of_turn>; roles must alternate. Gemma 2 raises "System role not supported" on a system message; this
+    # one does what google/gemma-3-4b-it's template does instead: the system text, then a blank line, opens the
+    # first user turn
+    "gemma": (
+        "{{ bos_token }}{% if messages[0]['role'] == 'system' %}"
+        "{% set first_user_prefix = messages[0]['content'] + '\n\n' %}{% set loop_messages = messages[1:] %}"
+        "{% else %}{% set first_user_prefix = '' %}{% set loop_messages = messages %}{% endif %}"
+        "{% for m in loop_messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+        "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+        "{{ '<start_of_turn>' + ('model' if m['role'] == 'assistant' else m['role']) + '\n' }}"
+        "{{ (first_user_prefix if loop.first else '') + m['content'] | trim + '<end_of_turn>\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
+    ),
+    # microsoft/Phi-3-mini-4k-instruct tokenizer_config.json (its mid-2024 revision, which has a system turn): turns
+    # end with <|end|>, and a conversation without the generation prompt ends with EOS (<|endoftext|> there)
+    "phi3": (
+        "{% for m in messages %}{% if m['role'] == 'system' %}{{ '<|system|>\n' + m['content'] + '<|end|>\n' }}"
+        "{% elif m['role'] == 'user' %}{{ '<|user|>\n' + m['content'] + '<|end|>\n' }}"
+        "{% elif m['role'] == 'assistant' %}{{ '<|assistant|>\n' + m['content'] + '<|end|>\n' }}{% endif %}"
+        "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}"
+    ),
+    # lmsys/vicuna-7b-v1.5 ships no template; this is FastChat's "vicuna_v1.1" conversation (fastchat/conversation.py,
+    # SeparatorStyle.ADD_COLON_TWO, sep " ", sep2 "</s>" = EOS), with the BOS its tokenizer adds. A system message
+    # replaces the default one ("A chat between a curious user and an artificial intelligence assistant. ...")
+    "vicuna": (
+        "{% if messages[0]['role'] == 'system' %}{% set system_message = messages[0]['content'] %}"
+        "{% set loop_messages = messages[1:] %}{% else %}{% set system_message = 'A chat between a curious user and an "
+        "artificial intelligence assistant. The assistant gives helpful, detailed, and polite answers to the "
+        "user\\'s questions.' %}{% set loop_messages = messages %}{% endif %}"
+        "{{ bos_token + system_message + ' ' }}{% for m in loop_messages %}"
+        "{% if m['role'] == 'user' %}{{ 'USER: ' + m['content'] + ' ' }}"
+        "{% elif m['role'] == 'assistant' %}{{ 'ASSISTANT: ' + m['content'] + eos_token }}{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
     ),
 }
 DEFAULT_CHAT_TEMPLATE = "solar"
@@ -60,17 +137,18 @@ def load_tokenizer(cfg: ModelConfig, path: str | None = None):
     except (OSError, ValueError) as e:
         error = ConfigError if path is None else SdpoError  # model.base is the user's setting; a checkpoint is not
         raise error(f"{source}: cannot load a tokenizer ({first_line(e)})",
-                    hint="model.base must be a hub id or a folder with tokenizer files") from None
+                    hint=load_hint(cfg, source, e, "a hub id or a folder with tokenizer files")) from None
     if tok.pad_token is None:
         # Padding never reaches the loss (masks come from token counts), so any existing token will do.
         tok.pad_token = cfg.pad_token or tok.unk_token or tok.eos_token
         if tok.pad_token is None:
             raise ConfigError(f"{source}: tokenizer has no pad, unk or eos token", hint="set model.pad_token=<token>")
-    if not tok.chat_template:
-        template = cfg.chat_template or DEFAULT_CHAT_TEMPLATE
+    template = cfg.chat_template or (None if tok.chat_template else DEFAULT_CHAT_TEMPLATE)
+    if template is not None:  # a built-in by name, else a Jinja template
+        problems = chat_template_problems(template)  # as load_config did, for a config built by hand
+        if problems:
+            raise report("config", problems)
         tok.chat_template = CHAT_TEMPLATES.get(template, template)
-    elif cfg.chat_template:
-        tok.chat_template = CHAT_TEMPLATES.get(cfg.chat_template, cfg.chat_template)
     if tok.eos_token is None:
         raise ConfigError(f"{source}: tokenizer has no EOS token", hint="use a tokenizer that defines eos_token")
     return tok
@@ -83,10 +161,12 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
 
 
 def check_base(cfg: ModelConfig, weights: bool = True) -> None:
-    """model.base, checked before any work: a local folder must hold safetensors weights (or pickle ones with
-    model.allow_pickle; not checked when `weights` is false) and tokenizer files. A ConfigError (exit 2) that names
-    the folder and the key. split, reflogp and gamma call it first (so a broken base stops `sdpo run` before the
-    split), and load_tokenizer checks the folder and its tokenizer for every stage."""
+    """model.base, checked before any work: a local folder must hold a readable config.json, safetensors weights
+    whose headers are valid and match the files' sizes (or pickle ones with model.allow_pickle), shards included, and
+    tokenizer files (weights and a missing config.json are not checked when `weights` is false). Cheap: only headers
+    and small JSON files are read. A model that needs its own code is refused unless model.trust_remote_code. A
+    ConfigError (exit 2) that names the file and the key. split, reflogp and gamma call it first (so a broken base
+    stops `sdpo run` before the split), and load_tokenizer checks the folder and its tokenizer for every stage."""
     source = cfg.base
     local = Path(source).expanduser()
     if not local.exists():
@@ -97,6 +177,16 @@ def check_base(cfg: ModelConfig, weights: bool = True) -> None:
     if not local.is_dir():
         raise ConfigError(f"{source}: model.base: expected a model folder, found a file",
                           hint="point model.base to the folder with config.json")
+    resave = "the file is damaged or incomplete: download the model again, or save it again with save_pretrained"
+    config = local / "config.json"
+    if config.is_file() or weights:  # a tokenizer-only folder serves `split`; a model needs its config.json
+        problem = _json_problem(config)
+        if problem and not config.is_file():
+            raise ConfigError(f"{source}: model.base: {problem}",
+                              hint="point model.base to a folder saved with save_pretrained")
+        if problem:
+            raise ConfigError(f"{config}: model.base: {problem}", hint=resave)
+        _check_remote_code(cfg, config)
     if weights and not any(local.glob("*.safetensors")):
         pickled = any(local.glob("*.bin")) or any(local.glob("*.pt"))
         if not pickled:
@@ -105,9 +195,162 @@ def check_base(cfg: ModelConfig, weights: bool = True) -> None:
         if not cfg.allow_pickle:
             raise ConfigError(f"{source}: model.base: only pickle weights (.bin/.pt) found; refusing to load them",
                               hint="convert to safetensors, or set model.allow_pickle=true if you trust the file")
+    elif weights:
+        damaged = weights_problem(local)
+        if damaged:
+            raise ConfigError(f"{damaged[0]}: model.base: damaged weights file: {damaged[1]}", hint=resave)
     if not any((local / name).is_file() for name in TOKENIZER_FILES):
         raise ConfigError(f"{source}: model.base: no tokenizer in this folder (none of {', '.join(TOKENIZER_FILES)})",
                           hint="save the tokenizer next to the weights: tokenizer.save_pretrained(folder)")
+    for name in ("tokenizer.json", "tokenizer_config.json"):  # the rest is left to the tokenizer's own loading
+        file = local / name
+        problem = _json_problem(file, parse=name == "tokenizer_config.json") if file.is_file() else None
+        if problem:
+            raise ConfigError(f"{file}: model.base: {problem}", hint=resave)
+
+
+def _json_problem(path: Path, parse: bool = True) -> str | None:
+    """Why a JSON file of a model folder cannot be used (missing, unreadable, empty, not a JSON object); None if it
+    can. `parse=False` only checks that it is there and not empty (for files too large to parse twice)."""
+    try:
+        if path.stat().st_size == 0:
+            return f"{path.name} is empty (0 bytes)"
+        if not parse:
+            return None
+        data = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        return f"no {path.name} in this folder"
+    except OSError as e:
+        return f"cannot read {path.name} ({e.strerror or e})"
+    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
+        return f"{path.name} is not valid JSON ({first_line(e)})"
+    return None if isinstance(data, dict) else f"{path.name} is not a JSON object"
+
+
+def _check_remote_code(cfg: ModelConfig, config: Path) -> None:
+    """A model whose config.json maps the auto classes to its own code (`auto_map`) and whose model_type transformers
+    does not know cannot load without model.trust_remote_code: say so before any work, as transformers would later."""
+    if cfg.trust_remote_code:
+        return
+    data = json.loads(config.read_bytes())
+    auto_map = data.get("auto_map")
+    if not isinstance(auto_map, dict) or not {"AutoConfig", "AutoModelForCausalLM"} & set(auto_map):
+        return
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    if data.get("model_type") not in CONFIG_MAPPING_NAMES:
+        raise ConfigError(f"{config.parent}: model.base: the model needs its own code (config.json auto_map: "
+                          f"{auto_map.get('AutoModelForCausalLM') or auto_map.get('AutoConfig')}), and "
+                          "model.trust_remote_code is off", hint=REMOTE_CODE_HINT)
+
+
+REMOTE_CODE_HINT = "model.trust_remote_code=true (if you trust the model's code)"
+
+# safetensors: an 8-byte little-endian header length N, N bytes of JSON {name: {dtype, shape, data_offsets}}, then the
+# tensor bytes, back to back; safetensors refuses headers above 100 MB. Sizes per element of the whole-byte dtypes.
+_SAFETENSORS_MAX_HEADER = 100_000_000
+_DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "F8_E8M0": 1, "I16": 2, "U16": 2, "F16": 2,
+                "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8, "C64": 8}
+
+
+def safetensors_header(path: Path) -> tuple[str | None, dict]:
+    """Check a .safetensors file from its header alone, never reading the weights: (what is wrong with it, {}), or
+    (None, header) when the header is valid and the file's size is exactly what its data offsets describe."""
+    try:
+        size = path.stat().st_size
+        if size < 8:
+            return (f"{size} bytes, too short for a safetensors header" if size else "empty (0 bytes)"), {}
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if n < 2 or n > _SAFETENSORS_MAX_HEADER or 8 + n > size:
+                return f"its header length, {n} bytes, does not fit in the file's {size} bytes", {}
+            raw = f.read(n)
+    except OSError as e:
+        return f"cannot read it ({e.strerror or e})", {}
+    try:
+        header = json.loads(raw)
+    except ValueError:
+        return "its header is not valid JSON", {}
+    if not isinstance(header, dict):
+        return "its header is not a JSON object", {}
+    spans = []
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            begin, end = info["data_offsets"]
+            shape, dtype = list(info["shape"]), info["dtype"]
+            ok = all(isinstance(v, int) and v >= 0 for v in (begin, end, *shape)) and begin <= end
+        except (TypeError, KeyError, ValueError):
+            ok = False
+        if not ok:
+            return f"tensor {name!r} has an invalid entry in the header", {}
+        if dtype in _DTYPE_BYTES and end - begin != math.prod(shape) * _DTYPE_BYTES[dtype]:
+            return f"tensor {name!r}: {end - begin} bytes for shape {shape} {dtype}", {}
+        spans.append((begin, end))
+    at = 0
+    for begin, end in sorted(spans):
+        if begin != at:
+            return "the tensors' data offsets overlap or leave gaps", {}
+        at = end
+    if 8 + n + at != size:
+        return f"its header describes {8 + n + at} bytes but the file has {size} (truncated or padded)", {}
+    return None, header
+
+
+def weights_problem(folder: Path) -> tuple[Path, str] | None:
+    """(file, what is wrong) for the safetensors weights of a model folder, as from_pretrained would pick them:
+    model.safetensors, else the shards named by model.safetensors.index.json, else every *.safetensors. Reads the
+    headers only. None if they look whole."""
+    single, index = folder / "model.safetensors", folder / "model.safetensors.index.json"
+    if single.is_file() or not index.is_file():
+        files = [single] if single.is_file() else sorted(folder.glob("*.safetensors"))
+        for file in files:
+            problem, _ = safetensors_header(file)
+            if problem:
+                return file, problem
+        return None
+    problem = _json_problem(index)
+    weight_map = None if problem else json.loads(index.read_bytes()).get("weight_map")
+    if problem or not isinstance(weight_map, dict) or not weight_map:
+        return index, problem or "no weight_map in the index"
+    shards: dict[str, list[str]] = {}
+    for tensor, shard in weight_map.items():
+        shards.setdefault(str(shard), []).append(tensor)
+    for shard, tensors in sorted(shards.items()):
+        file = folder / shard
+        if not file.is_file():
+            return index, f"shard {shard} is missing ({len(tensors)} tensors are mapped to it)"
+        problem, header = safetensors_header(file)
+        if problem:
+            return file, problem
+        missing = [t for t in tensors if t not in header]
+        if missing:
+            return file, f"{len(missing)} tensors that {index.name} maps to it are not in it (e.g. {missing[0]!r})"
+    return None
+
+
+def load_hint(cfg: ModelConfig, source: str | Path, error: BaseException | None, needed: str) -> str:
+    """The hint for a model or tokenizer that does not load, by its real cause: code the model needs that
+    model.trust_remote_code does not allow (transformers' message says so), a checkpoint that sdpo wrote and that is
+    damaged now (its meta.json says "stage": "train": redo that step), else `needed`: what the source must be ("a
+    folder ...", said of model.base or of the model) or, when it does not start with "a ", the whole hint."""
+    if error is not None and ("trust_remote_code" in str(error) or "contains custom code" in str(error)):
+        return REMOTE_CODE_HINT
+    meta = Path(source) / "meta.json"
+    try:
+        recorded = json.loads(meta.read_text()) if meta.is_file() else None
+    except (OSError, ValueError):
+        recorded = None
+    if isinstance(recorded, dict) and recorded.get("stage") == "train":
+        step = recorded.get("step")
+        if not isinstance(step, int):
+            name = Path(source).name
+            step = int(name[5:]) if name.startswith("step-") and name[5:].isdigit() else "N"
+        return f"sdpo train CONFIG --step {step} --force  # this checkpoint that sdpo wrote is damaged: redo it"
+    if not needed.startswith("a "):
+        return needed
+    return f"{'model.base' if str(source) == str(cfg.base) else 'the model'} must be {needed}"
 
 
 def load_model(cfg: ModelConfig, path: str | Path | None = None, *, train: bool = False):
@@ -124,19 +367,26 @@ def load_model(cfg: ModelConfig, path: str | Path | None = None, *, train: bool 
     local = Path(source)
     if local.exists() and not local.is_dir():
         raise SdpoError(f"{source}: expected a model folder, found a file", hint="point to the folder with config.json")
+    integrity.verify_model(local)  # a checkpoint sdpo wrote: every file as its meta.json records it
     if local.is_dir() and not any(local.glob("*.safetensors")) and not cfg.allow_pickle:
         if any(local.glob("*.bin")) or any(local.glob("*.pt")):
             raise SdpoError(f"{source}: only pickle weights (.bin/.pt) found; refusing to load them",
                             hint="convert to safetensors, or set model.allow_pickle=true if you trust the file")
         raise SdpoError(f"{source}: no model weights (*.safetensors) in this folder",
-                        hint="point model.base to a folder saved with save_pretrained")
+                        hint=load_hint(cfg, source, None, "a folder saved with save_pretrained"))
+    damaged = weights_problem(local) if local.is_dir() else None
+    if damaged:  # a truncated or corrupt file: said before from_pretrained reads it (safetensors' own error is opaque)
+        raise SdpoError(f"{damaged[0]}: damaged weights file: {damaged[1]}", hint=load_hint(
+            cfg, source, None, "download the model again, or save it again with save_pretrained"))
     if cfg.quantization:
         kwargs.update(_quantization_kwargs(cfg, source))
+    from safetensors import SafetensorError
+
     try:
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, SafetensorError) as e:
         raise SdpoError(f"{source}: cannot load the model ({first_line(e)})",
-                        hint="model.base must be a hub id or a folder with config.json and weights") from None
+                        hint=load_hint(cfg, source, e, "a hub id or a folder with config.json and weights")) from None
     if cfg.quantization:
         _prepare_quantized(model)
     model.config.use_cache = False  # never needed here, and the cache defeats packed-sequence masks

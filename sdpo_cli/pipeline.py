@@ -10,13 +10,15 @@ are reused, so base and earlier steps are scored once. reports/eval.json then ho
 
 Each stage decides for itself whether it is finished (meta.json present and its fingerprint current), so a rerun
 after a crash or Ctrl-C picks up at the first unfinished stage, and a changed config stops with the stage it makes
-stale instead of mixing artifacts of two configurations.
+stale instead of mixing artifacts of two configurations. A finished artifact with a missing file, or one whose size
+differs from its meta.json, stops the run with the command that writes it again.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from sdpo_cli import integrity
 from sdpo_cli.config import SdpoConfig, num_steps
 from sdpo_cli.context import RunContext
 from sdpo_cli.reflogp import run_reflogp
@@ -31,11 +33,14 @@ def run_all(cfg: SdpoConfig, *, force: bool = False, ctx: RunContext | None = No
     run = RunDir(cfg.run_dir)
     steps = num_steps(cfg)
     evaluator = _evaluator(cfg, ctx)
-    run_split(cfg, force=force, ctx=ctx)
+    # every artifact a stage returns (finished before or just written) has all its files, at their recorded sizes:
+    # stat calls only. A stage that reads an artifact verifies its content itself (sdpo_cli/integrity.py).
+    for path in run_split(cfg, force=force, ctx=ctx):
+        integrity.check_sizes(path)
     for t in range(1, steps + 1):
         ctx.info(f"[bold]sDPO step {t}/{steps}[/]")
-        run_reflogp(cfg, t, force=force, ctx=ctx)
-        run_train(cfg, t, force=force, ctx=ctx)
+        integrity.check_sizes(run_reflogp(cfg, t, force=force, ctx=ctx))
+        integrity.check_sizes(run_train(cfg, t, force=force, ctx=ctx))
         if evaluator is not None:
             from sdpo_cli.evaluate import eval_table
             from sdpo_cli.models import named_model

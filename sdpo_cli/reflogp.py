@@ -13,6 +13,7 @@ import statistics
 import time
 from pathlib import Path
 
+from sdpo_cli import integrity
 from sdpo_cli.collate import resolve_layout
 from sdpo_cli.config import SdpoConfig
 from sdpo_cli.context import RunContext
@@ -41,6 +42,7 @@ def run_reflogp(cfg: SdpoConfig, step: int, *, force: bool = False, ctx: RunCont
         return out
 
     reference = reference_model(cfg, run, step)
+    integrity.verify_model(reference)  # M_{t-1} (a checkpoint we wrote): every file, before its tokenizer loads
     if reference != cfg.model.base and tokenizer_identity(ctx.tokenizer(cfg.model, reference)) != \
             tokenizer_identity(tok):
         raise SdpoError(f"{reference}: the reference's tokenizer differs from the base model's",

@@ -1,10 +1,13 @@
 """Pictures for reports/: mean γ per checkpoint (the paper's Fig. 2) and the loss per update of each step.
 
-matplotlib is imported lazily with the file-only Agg backend, so no display is needed.
+matplotlib is imported lazily with the file-only Agg backend, so no display is needed. A picture is drawn in memory
+and written whole (rundir.write_bytes_atomic): a kill or a full disk never leaves half a PNG, and a full disk is the
+`disk full while writing` error.
 """
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
@@ -16,6 +19,21 @@ def _pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def _save(fig, path: Path) -> Path:
+    from sdpo_cli.errors import SdpoError
+    from sdpo_cli.rundir import write_bytes_atomic
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120)
+    _pyplot().close(fig)
+    try:
+        write_bytes_atomic(path, buffer.getvalue())
+    except OSError as e:  # not a full disk (that is an SdpoError already): a folder the user cannot write
+        raise SdpoError(f"{path}: cannot write the picture ({e.strerror or e})",
+                        hint="give a path in a folder you can write") from None
+    return path
 
 
 def plot_gamma(results: list[dict], path: Path, title: str | None = None) -> Path:
@@ -37,14 +55,20 @@ def plot_gamma(results: list[dict], path: Path, title: str | None = None) -> Pat
     data = results[0]["data"] if results else ""
     ax.set_title(title or f"Mean γ on {data} (sDPO Fig. 2 analogue, n={results[0]['n'] if results else 0})")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def read_log(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """The records of a train log. A last line cut short (a kill or a full disk while it was appended) is no record;
+    reading stops there."""
+    records = []
+    for line in path.read_text().splitlines():
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                break
+    return records
 
 
 def plot_losses(curves: dict[str, list[dict]], path: Path, title: str = "DPO loss per update",
@@ -60,7 +84,4 @@ def plot_losses(curves: dict[str, list[dict]], path: Path, title: str = "DPO los
     ax.set_title(title)
     ax.legend(loc=legend)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)

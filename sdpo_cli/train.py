@@ -18,7 +18,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import signal
 import time
 from dataclasses import dataclass
@@ -31,13 +30,27 @@ from sdpo_cli.collate import PairBatch, collate_pairs, pair_length, resolve_layo
 from sdpo_cli.config import SdpoConfig, TrainConfig, section
 from sdpo_cli.context import RunContext
 from sdpo_cli.distributed import make_accelerator
-from sdpo_cli.errors import ArtifactError, ConfigError, Interrupted
+from sdpo_cli.errors import ArtifactError, ConfigError, Interrupted, SdpoError
 from sdpo_cli.fingerprints import reflogp_fp, require_data, require_step, train_fp
 from sdpo_cli.logprobs import PairLogps
 from sdpo_cli.lora import merged_model, with_lora
 from sdpo_cli.loss import dpo_losses, loss_at_equal_models
 from sdpo_cli.models import compile_blocks, disable_dropout, load_model, reference_model, target_init_model
-from sdpo_cli.rundir import RunDir, check_not_stale, disk_full, disk_full_error, read_meta, writing
+from sdpo_cli.reports import read_log
+from sdpo_cli.rundir import (
+    PROGRESS,
+    RunDir,
+    check_not_stale,
+    disk_full,
+    disk_full_error,
+    leftovers,
+    read_meta,
+    remove,
+    settle,
+    write_json_atomic,
+    write_text_atomic,
+    writing,
+)
 
 METRICS = ("loss", "loss/dpo", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
            "logps/chosen", "logps/rejected", "gamma/policy", "gamma/ref")
@@ -85,7 +98,7 @@ def run_train(cfg: SdpoConfig, step: int, *, force: bool = False, ctx: RunContex
     if accelerator.is_main_process:
         ctx.info(f"train step {step}: loss {records[0]['loss']:.4f} -> {records[-1]['loss']:.4f}; "
                  f"wrote {inputs.out}")
-        shutil.rmtree(inputs.state_dir, ignore_errors=True)  # M_t is complete: the resume state has served
+        _discard_state(inputs.state_dir)  # M_t is complete: the resume state has served
     accelerator.wait_for_everyone()
     return inputs.out
 
@@ -115,8 +128,11 @@ class StepInputs:
 
     @classmethod
     def check(cls, cfg: SdpoConfig, step: int, ctx: RunContext) -> StepInputs:
-        """The step's data and reference log-probs, finished and made from the current config; else an error that
-        names the command redoing them."""
+        """The step's data and reference log-probs, finished, made from the current config and intact (their files
+        as meta.json records them, sdpo_cli/integrity.py); else an error that names the command redoing them. M_{t-1}
+        is verified when it is loaded (models.load_model)."""
+        from sdpo_cli import integrity
+
         run = RunDir(cfg.run_dir)
         require_step(cfg, step)
         tok = ctx.tokenizer(cfg.model)
@@ -128,6 +144,7 @@ class StepInputs:
             raise ArtifactError(f"{ref_path}: reference log-probs not found", hint=redo)
         if ref_meta.get("fingerprint") != reflogp_fp(cfg, run, step):
             raise ArtifactError(f"{ref_path} is stale: its data or reference model changed", hint=f"{redo} --force")
+        integrity.verify(ref_path)
         return cls(step, run, tok, data_path, ref_path, train_fp(cfg, run, step))
 
     @property
@@ -278,9 +295,10 @@ class MetricSums:
         stacked = accelerator.reduce(torch.stack([self.sums[k] for k in self.KEYS]), reduction="sum")
         return dict(zip(self.KEYS, stacked.tolist()))
 
-    def record(self, accelerator, *, step: int, update: int, epoch: int, lr: float, grad_norm, seconds: float) -> dict:
-        """The log record of the window (means per pair), and a fresh window."""
-        totals = self.totals(accelerator)
+    def record(self, accelerator, *, step: int, update: int, epoch: int, lr: float, grad_norm, since: float) -> dict:
+        """The log record of the window (means per pair) that began at time.time() `since`, and a fresh window."""
+        totals = self.totals(accelerator)  # the reduce waits for the device: the clock is read after it
+        seconds = time.time() - since
         self.reset()
         pairs = max(totals["pairs"], 1.0)
         record = {"step": step, "update": update, "epoch": epoch}
@@ -335,14 +353,19 @@ class TrainLoop:
         self.policy.train()
         self.t_last = time.time()
         log_path = self.inputs.log_path
-        log_path.parent.mkdir(parents=True, exist_ok=True)
+        if self.accelerator.is_main_process:
+            # the log on disk is at every instant a prefix of the uninterrupted run's log: cut back at once (a new
+            # file renamed over the old one) to the records of the saved state, none at a fresh start; the later
+            # records are redone, and appended one by one as they come
+            _write_records(log_path, self.records)
         # only rank 0 writes the log (the metrics are already reduced over ranks)
-        with self.ctx.progress() as bar, StopSignals() as stop, \
-                open(log_path if self.accelerator.is_main_process else os.devnull, "w") as log_file:
-            for record in self.records:  # the log up to the saved state; later lines are redone
-                log_file.write(json.dumps(record) + "\n")
+        with self.ctx.progress() as bar, StopSignals(self.inputs.state_dir) as stop, \
+                _LogFile(log_path if self.accelerator.is_main_process else None) as log_file:
             task = bar.add_task(f"train step {self.step}", total=self.total, completed=self.update, status="")
             while self.update < self.total:
+                # accelerate's prepared loader sets the sampler's epoch from its own iteration count whenever it is
+                # iterated; in a resumed process that count starts at 0, so tell it the epoch we are in
+                self.loader.set_epoch(self.epoch)
                 self.sampler.set_epoch(self.epoch)
                 totals = update_totals(self.sampler.real_batches(self.epoch), self.tr.gradient_accumulation,
                                        self.chosen_tokens)
@@ -401,15 +424,13 @@ class TrainLoop:
         return update == 0 or (update + 1) % self.tr.logging_every == 0 or update + 1 == self.total
 
     def _log(self, lr: float, grad_norm, log_file) -> dict:
-        now = time.time()
         record = self.sums.record(self.accelerator, step=self.step, update=self.update, epoch=self.epoch, lr=lr,
-                                  grad_norm=grad_norm, seconds=now - self.t_last)
-        self.t_last = now
+                                  grad_norm=grad_norm, since=self.t_last)
+        self.t_last = time.time()
         if self.update == 0:
             check_first_update(record, self.cfg, step=self.step, applies=self.expect_ln2, ctx=self.ctx)
         self.records.append(record)
-        log_file.write(json.dumps(record) + "\n")
-        log_file.flush()
+        log_file.append(record)
         if self.tr.report_to:
             self.accelerator.log({k: v for k, v in record.items() if isinstance(v, float)}, step=self.update)
         self.ctx.info(f"step {self.step} | update {self.update:>4}/{self.total} | loss {record['loss']:.4f} | margin "
@@ -432,7 +453,7 @@ class TrainLoop:
         """Continue from the step's last saved state, if it was made by this very configuration."""
         state_dir = self.inputs.state_dir
         if force and self.accelerator.is_main_process:
-            shutil.rmtree(state_dir, ignore_errors=True)  # --force redoes the step from its start
+            _discard_state(state_dir)  # --force redoes the step from its start
         self.accelerator.wait_for_everyone()
         progress = _load_state(self.accelerator, state_dir, self.inputs.fingerprint, self.step, self.ctx)
         if progress is None:
@@ -464,12 +485,15 @@ def check_first_update(record: dict, cfg: SdpoConfig, *, step: int, applies: boo
 
 
 class StopSignals:
-    """SIGINT / SIGTERM set a flag; the loop stops at the next update boundary after saving its state. A second
-    signal falls back to the default behaviour (immediate stop)."""
+    """SIGINT / SIGTERM: the first sets a flag, and the loop stops at the next update boundary after saving its state.
+    A second one, also while that stop is under way, stops the process at once: one line on stderr, then exit code
+    130 without unwinding (no cleanup runs, as after a SIGKILL). The last saved state stays usable (a state is renamed
+    into place only when complete), so the rerun resumes from it. `state_dir` only names that state in the message."""
 
-    def __init__(self):
+    def __init__(self, state_dir: Path | None = None):
         self.received: str | None = None
         self.previous: dict = {}
+        self.state_dir = state_dir
 
     def __enter__(self):
         import threading
@@ -480,9 +504,25 @@ class StopSignals:
         return self
 
     def _handle(self, signum, frame):
-        self.received = signal.Signals(signum).name
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
+        name = signal.Signals(signum).name
+        if self.received is None:
+            self.received = name
+            return
+        self.stop_now(name)
+
+    def stop_now(self, name: str) -> None:
+        """The second signal: say so on stderr (once per machine: local rank 0) and exit with 130 at once."""
+        if os.environ.get("LOCAL_RANK", "0") == "0":
+            state = f" in {self.state_dir}" if self.state_dir else ""
+            line = (f"Stopped at once by a second {name}; the step's last saved state{state}, if any, is kept: rerun "
+                    "the same command to resume from it.\n")
+            if os.isatty(2):  # the progress bar may have hidden the cursor and left the line unfinished
+                line = "\x1b[?25h\n" + line
+            try:
+                os.write(2, line.encode())
+            except OSError:
+                pass
+        os._exit(130)
 
     def requested(self, accelerator) -> str | None:
         if accelerator.num_processes > 1:  # every rank must stop at the same update
@@ -492,7 +532,9 @@ class StopSignals:
             return None
         return self.received
 
-    def __exit__(self, *exc):
+    def __exit__(self, exc_type, *exc):
+        if self.received and exc_type is not None:
+            return False  # stopping on a signal: the process is on its way out, and a second signal still ends it
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
         return False
@@ -530,38 +572,51 @@ def save_target(cfg: SdpoConfig, inputs: StepInputs, target: Target, *, accelera
 
 
 def _save_state(accelerator, state_dir: Path, progress: dict) -> None:
-    """Model, optimizer, scheduler and RNG states (accelerate) + our progress, replaced atomically."""
+    """Model, optimizer, scheduler and RNG states (accelerate) + our progress, replaced atomically.
+
+    Filled in `.step-t.state.tmp`, completed by progress.json (written last, itself whole or absent), then the
+    previous state is set aside as `.step-t.state.old`, the new one renamed in, and the old one deleted. A kill at
+    any point leaves the previous state or the new one complete, and siblings that rundir.settle() resolves at the
+    next start (a complete tmp whose rename was cut is moved in; an `.old` without a state is moved back). A full
+    disk is the `disk full while writing` error, with the previous state still in place."""
     tmp = state_dir.with_name(state_dir.name + ".tmp")
-    if accelerator.is_main_process and tmp.exists():
-        shutil.rmtree(tmp)
+    if accelerator.is_main_process:
+        settle(state_dir)  # a stale tmp (a save killed half-way) goes; so does anything else a kill left
     accelerator.wait_for_everyone()
     quiet = logging.getLogger("accelerate")  # its per-save notes (tied weights dropped and re-tied) are noise here
     level, quiet.level = quiet.level, logging.ERROR
     try:
         accelerator.save_state(str(tmp))
-    except (OSError, RuntimeError) as e:  # torch reports a failed write as a RuntimeError
         if accelerator.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)
-        if disk_full(e):  # the previous state, if any, is still there to resume from
-            raise disk_full_error(state_dir) from e
+            write_json_atomic(tmp / PROGRESS, progress)  # written last: marks the state complete
+    except Exception as e:  # torch: RuntimeError ("unexpected pos"), safetensors: SafetensorError, ours: SdpoError
+        if accelerator.is_main_process:
+            remove(tmp)
+        if disk_full(e.__cause__ if isinstance(e, SdpoError) and e.__cause__ else e):
+            raise disk_full_error(state_dir) from e  # the previous state, if any, is still there to resume from
         raise
     finally:
         quiet.setLevel(level)
     if accelerator.is_main_process:
-        (tmp / "progress.json").write_text(json.dumps(progress) + "\n")  # written last: marks the state complete
         old = state_dir.with_name(state_dir.name + ".old")
         if state_dir.exists():
             os.replace(state_dir, old)
         os.replace(tmp, state_dir)
-        shutil.rmtree(old, ignore_errors=True)
+        remove(old)
     accelerator.wait_for_everyone()
 
 
 def _load_state(accelerator, state_dir: Path, fp: str, step: int, ctx: RunContext) -> dict | None:
-    progress_file = state_dir / "progress.json"
+    if accelerator.is_main_process:
+        settle(state_dir)  # a save killed between its renames: the complete state goes (back) in place
+    accelerator.wait_for_everyone()
+    progress_file = state_dir / PROGRESS
     if not progress_file.is_file():
         return None
-    progress = json.loads(progress_file.read_text())
+    try:
+        progress = json.loads(progress_file.read_text())
+    except (OSError, ValueError):
+        progress = {}
     if progress.get("fingerprint") != fp:
         ctx.warn(f"train step {step}: ignoring {state_dir}: it was saved by another configuration")
         return None
@@ -570,10 +625,58 @@ def _load_state(accelerator, state_dir: Path, fp: str, step: int, ctx: RunContex
     return progress
 
 
+def _discard_state(state_dir: Path) -> None:
+    """Delete the step's resumable state and whatever a killed save left beside it (progress.json first: a kill
+    half-way never leaves a state that looks complete)."""
+    for path in (state_dir, *leftovers(state_dir)):
+        remove(path)
+
+
 def _read_records(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """The train log's records; a last line cut short by a kill or a full disk is not one."""
+    return read_log(path) if path.is_file() else []
+
+
+def _write_records(path: Path, records: list[dict]) -> None:
+    write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in records))
+
+
+class _LogFile:
+    """The train log, open for appending, one whole record per write, straight to the file (no buffer: a kill loses
+    at most the record being written). A write that fails half-way is cut back off, so the file stays a sequence of
+    whole records; a full disk is the `disk full while writing` error. Ranks other than 0 (path None) write
+    nothing."""
+
+    def __init__(self, path: Path | None):
+        self.path, self.file = path, None
+
+    def __enter__(self) -> _LogFile:
+        if self.path is not None:
+            self.file = open(self.path, "ab", buffering=0)
+        return self
+
+    def append(self, record: dict) -> None:
+        if self.file is None:
+            return
+        data = (json.dumps(record) + "\n").encode()
+        size = os.fstat(self.file.fileno()).st_size
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[self.file.write(view):]
+        except OSError as e:
+            try:
+                os.ftruncate(self.file.fileno(), size)
+            except OSError:
+                pass
+            if disk_full(e):
+                raise disk_full_error(self.path) from e
+            raise
+
+    def __exit__(self, *exc) -> bool:
+        if self.file is not None:
+            self.file.close()
+        return False
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@ YAML file's folder, and mistakes name the key."""
 
 import importlib.util
 import json
+import os
 import re
 import subprocess
 import sys
@@ -100,6 +101,145 @@ def test_unknown_key_in_file_names_file_and_key(tmp_path):
     assert str(path) in e.value.message and "train.learning_rat" in e.value.message
 
 
+# Hints for unknown keys name the valid key in full; an override without its section finds it.
+
+
+@pytest.mark.parametrize("override,key,hint", [
+    ("dpo.bta=0.2", "dpo.bta", "did you mean dpo.beta?"),  # a typo in its section
+    ("beta=0.2", "beta", "did you mean dpo.beta?"),  # no section: every section is searched for the name
+    ("train.beta=0.2", "train.beta", "did you mean dpo.beta?"),  # the wrong section
+    ("dop.beta=0.2", "dop.beta", "did you mean dpo.beta?"),  # a typo in the section (omegaconf names only 'dop')
+    ("trian.lerning_rate=1e-6", "trian.lerning_rate", "did you mean train.learning_rate?"),
+    ("bta=0.2", "bta", "did you mean dpo.beta?"),
+    ("sed=1", "sed", "did you mean seed?"),
+    ("batch_size=4", "batch_size", "did you mean inference.batch_size or eval.batch_size?"),
+    ("limit=5", "limit", "did you mean data.sources.N.limit, data.eval.limit or eval.limit?"),
+    ("data.sources.1.fromat=orca", "data.sources.1.format", "did you mean data.sources.1.format?"),
+    ("model.chat_templat=chatml", "model.chat_templat", "did you mean model.chat_template?"),
+    ("runtime.thread=1", "runtime.thread", "did you mean runtime.threads?"),
+    ("data.bogus.x=1", "data.bogus.x", "valid keys are listed in docs/configs.md"),
+])
+def test_an_unknown_key_suggests_the_full_key(tmp_path, override, key, hint):
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, BASE), [override])
+    name = override.split("=")[0]
+    assert e.value.message == f"override {override!r}: unknown config key '{name}'" and e.value.exit_code == 2
+    assert e.value.hint == hint, key
+
+
+def test_an_unknown_key_in_a_file_keeps_its_place(tmp_path):
+    text = BASE.replace("{name: a, path: a.jsonl}", "{name: a, path: a.jsonl, fromat: orca}")
+    path = write(tmp_path, text + "train: {lerning_rate: 1e-6}\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert e.value.message == (f"{path}: 2 problems: unknown config key 'data.sources.0.fromat'; "
+                               "unknown config key 'train.lerning_rate'")
+    assert e.value.hint == ("data.sources.0.fromat: did you mean data.sources.0.format?; "
+                            "train.lerning_rate: did you mean train.learning_rate?")
+
+
+def test_columns_imply_format_columns(tmp_path):
+    mapped = "{name: a, path: a.jsonl, columns: {prompt: q, chosen: good, rejected: bad}}"
+    cfg = load_config(write(tmp_path, BASE.replace("{name: a, path: a.jsonl}", mapped)))
+    assert cfg.data.sources[0].format == "columns" and cfg.data.sources[1].format == "auto"
+    assert cfg.data.sources[0].columns == {"prompt": "q", "chosen": "good", "rejected": "bad"}
+    cfg = load_config(write(tmp_path, BASE), ["data.sources.1.columns={chosen: c, rejected: r}"])
+    assert cfg.data.sources[1].format == "columns"
+    orca = mapped.replace("a.jsonl,", "a.jsonl, format: orca,")
+    path = write(tmp_path, BASE.replace("{name: a, path: a.jsonl}", orca))
+    with pytest.raises(ConfigError) as e:  # another format given by name: the mapping would be ignored
+        load_config(path)
+    assert e.value.message == f"{path}: data.sources.0.columns: a column mapping is only read by format 'columns', " \
+                              "not 'orca'"
+    with pytest.raises(ConfigError, match="format 'columns' needs a column mapping"):
+        load_config(write(tmp_path, BASE), ["data.sources.0.format=columns"])
+
+
+# model.chat_template: a built-in's name or a Jinja template, checked before anything is loaded.
+
+
+def test_chat_template_names_and_jinja_are_accepted(tmp_path):
+    from sdpo_cli.config import CHAT_TEMPLATE_NAMES
+
+    for name in CHAT_TEMPLATE_NAMES:
+        assert load_config(write(tmp_path, BASE), [f"model.chat_template={name}"]).model.chat_template == name
+    jinja = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    text = BASE.replace("model: {base: ./model}", f"model: {{base: ./model, chat_template: \"{jinja}\"}}")
+    assert load_config(write(tmp_path, text)).model.chat_template == jinja
+    assert load_config(write(tmp_path, BASE)).model.chat_template is None
+
+
+@pytest.mark.parametrize("value,suggestion", [("llama-3", "did you mean llama3? "), ("ChatML", "did you mean chatml? "),
+                                              ("### User: hello", ""), ("", "")])
+def test_an_unknown_chat_template_is_a_config_error_listing_the_names(tmp_path, value, suggestion):
+    from sdpo_cli.config import SdpoConfig, validate
+
+    model = f"model: {{base: ./model, chat_template: {value!r}}}"
+    path = write(tmp_path, BASE.replace("model: {base: ./model}", model))
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert e.value.exit_code == 2 and e.value.message == f"{path}: model.chat_template: unknown chat template {value!r}"
+    assert e.value.hint == (f"{suggestion}use one of solar | chatml | qwen2 | zephyr | llama3 | mistral | gemma | phi3 "
+                            "| vicuna, a Jinja template (with {{ or {%), or null for the tokenizer's own")
+    cfg = SdpoConfig()
+    cfg.model.chat_template = value
+    with pytest.raises(ConfigError, match="model.chat_template: unknown chat template"):
+        validate(cfg)
+
+
+def test_an_unknown_chat_template_stops_the_cli_before_torch(tmp_path):
+    path = write(tmp_path, BASE)
+    code = ("import sys; from sdpo_cli.cli import main; sys.argv = ['sdpo', 'split', sys.argv[1], "
+            "'model.chat_template=llama'];\ntry:\n    main()\nexcept SystemExit as e:\n"
+            "    print('torch' in sys.modules, e.code)")
+    done = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, cwd=ROOT)
+    assert done.stdout.split() == ["False", "2"], done.stderr
+    assert "Error:" in done.stderr and "unknown chat template 'llama'" in done.stderr and "llama3" in done.stderr
+
+
+def test_a_hand_built_config_with_an_unknown_template_is_refused_by_load_tokenizer(tiny_model_dir):
+    from sdpo_cli.config import ModelConfig
+    from sdpo_cli.models import CHAT_TEMPLATES, load_tokenizer
+
+    with pytest.raises(ConfigError, match="model.chat_template: unknown chat template 'llama'"):
+        load_tokenizer(ModelConfig(base=str(tiny_model_dir), chat_template="llama"))
+    tok = load_tokenizer(ModelConfig(base=str(tiny_model_dir), chat_template="llama3"))  # replaces the tokenizer's own
+    assert tok.chat_template == CHAT_TEMPLATES["llama3"]
+
+
+# runtime.threads: torch's CPU threads, set once per command.
+
+
+def test_runtime_threads(tmp_path):
+    import torch
+
+    from sdpo_cli.runtime import apply_runtime
+
+    assert load_config(write(tmp_path, BASE)).runtime.threads is None
+    with pytest.raises(ConfigError, match="runtime.threads: must be at least 1"):
+        load_config(write(tmp_path, BASE), ["runtime.threads=0"])
+    before = torch.get_num_threads()
+    try:
+        cfg = load_config(write(tmp_path, BASE), ["runtime.threads=3"])
+        assert apply_runtime(cfg) is cfg and torch.get_num_threads() == 3
+        torch.set_num_threads(2)
+        apply_runtime(load_config(write(tmp_path, BASE)))  # null: left as it is
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_every_command_applies_runtime_threads(tmp_path):
+    # cli._config, which every command calls first, sets them in the process (here over OMP_NUM_THREADS=1)
+    path = write(tmp_path, BASE)
+    code = ("import sys, torch; from pathlib import Path; from sdpo_cli import cli; "
+            "cli._config(Path(sys.argv[1]), sys.argv[2:]); print(torch.get_num_threads())")
+    for overrides, threads in (([], "1"), (["runtime.threads=3"], "3")):
+        done = subprocess.run([sys.executable, "-c", code, str(path), *overrides], capture_output=True, text=True,
+                              cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert done.stdout.strip() == threads, done.stderr
+
+
 # Choices (the Enums of the schema) and problems reported together.
 
 
@@ -149,7 +289,7 @@ def test_problems_are_reported_together(tmp_path):
                  "override 'dpo.betta=1': unknown config key 'dpo.betta'", "split.fractions: not used by strategy",
                  "dpo.label_smoothing: must be in [0, 0.5)"):
         assert part in message, (part, message)
-    assert "did you mean: 'beta'?" in e.value.hint and "prefix | padded | packed" in e.value.hint
+    assert "dpo.betta: did you mean dpo.beta?" in e.value.hint and "prefix | padded | packed" in e.value.hint
 
 
 def test_a_section_with_a_refused_value_is_not_judged_on_its_default(tmp_path):
@@ -190,15 +330,18 @@ def test_docs_list_the_allowed_values_of_each_choice():
                 "data.sources[].format": config.FORMATS, "split.strategy": config.STRATEGIES,
                 "dpo.loss": config.LOSSES, "dpo.reference": config.STARTS, "dpo.target_init": config.STARTS,
                 "train.lr_schedule": config.SCHEDULES, "train.mixed_precision": config.MIXED_PRECISIONS,
-                "train.layout": config.LAYOUTS}
+                "train.layout": config.LAYOUTS, "model.chat_template": config.CHAT_TEMPLATE_NAMES}
     assert {key: tuple(v for v in values if v != "null") for key, values in rows.items()} == expected
 
 
 # Serialisation: to_yaml (the run's config.yaml) and section() (hashed into the fingerprints of finished runs) must
-# give exactly what they gave before the choices became Enums, or every finished run would turn stale.
+# give exactly what they gave before the choices became Enums, or every finished run would turn stale. Since then the
+# schema has gained one section, `runtime` (how a process runs, in no fingerprint): config.yaml ends with it, and
+# nothing else changed.
 
 BEFORE_CHOICES = "ce2af0ab6eaff09733068417c15165d90a2d6fc6"  # the last commit with str-typed choices in config.py
 SECTIONS = ("run_dir", "seed", "model", "data", "split", "dpo", "train", "inference", "peft", "eval")
+ADDED_SINCE = "runtime:\n  threads: null\n"  # the sections added since BEFORE_CHOICES, at the end of config.yaml
 FIXTURES = ROOT / "configs" / "fixtures.yaml"
 SERIALISED = [(path, []) for path in CONFIGS] + [
     (FIXTURES, ["train.layout=packed", "train.mixed_precision=bf16", "model.dtype=bf16", "dpo.loss=ipo",
@@ -242,8 +385,8 @@ def test_serialisation_is_unchanged(config_before_choices, path, overrides, tmp_
     from sdpo_cli import config
 
     monkeypatch.chdir(tmp_path)
-    assert (serialised(config, load_config(path, overrides))
-            == serialised(config_before_choices, config_before_choices.load_config(path, overrides)))
+    before = serialised(config_before_choices, config_before_choices.load_config(path, overrides))
+    assert serialised(config, load_config(path, overrides)) == (before[0] + ADDED_SINCE, *before[1:])
 
 
 def test_serialisation_of_a_hand_built_config_is_unchanged(config_before_choices):
@@ -253,4 +396,18 @@ def test_serialisation_of_a_hand_built_config_is_unchanged(config_before_choices
         return module.SdpoConfig(model=module.ModelConfig(base="m"),
                                  data=module.DataConfig(sources=[module.SourceConfig(name="a", path="a.jsonl")]))
 
-    assert serialised(config, build(config)) == serialised(config_before_choices, build(config_before_choices))
+    before = serialised(config_before_choices, build(config_before_choices))
+    assert serialised(config, build(config)) == (before[0] + ADDED_SINCE, *before[1:])
+
+
+def test_runtime_is_in_no_fingerprint(tmp_path, monkeypatch):
+    from sdpo_cli import fingerprints
+    from sdpo_cli.config import section, to_yaml
+
+    monkeypatch.chdir(tmp_path)
+    default, threads = load_config(FIXTURES), load_config(FIXTURES, ["runtime.threads=1"])
+    assert (default.runtime.threads, threads.runtime.threads) == (None, 1)
+    assert to_yaml(threads).endswith("runtime:\n  threads: 1\n")  # recorded in config.yaml
+    for keys in (SECTIONS, ("data", "split"), ("dpo", "train", "peft")):
+        assert section(default, *keys) == section(threads, *keys)
+    assert fingerprints.numerics(default) == fingerprints.numerics(threads)

@@ -68,18 +68,25 @@ def write_config(folder: Path, model: Path, **extra) -> Path:
 
 def unknown_key_in_yaml(d: Path, model: Path):
     path = write_config(d, model, **{"dpo.betta": 0.2})
-    return ["split", str(path)], [str(path), "unknown config key 'dpo.betta'"], "did you mean: 'beta'?"
+    return ["split", str(path)], [str(path), "unknown config key 'dpo.betta'"], "did you mean dpo.beta?"
 
 
 def unknown_key_in_a_source(d: Path, model: Path):
     path = write_config(d, model, **{"data.sources": [{"name": "a", "path": str(d / "a.jsonl"), "fromat": "orca"}]})
-    return ["split", str(path)], [str(path), "unknown config key 'data.sources[].fromat'"], "did you mean: 'format'?"
+    return (["split", str(path)], [str(path), "unknown config key 'data.sources.0.fromat'"],
+            "did you mean data.sources.0.format?")
 
 
 def unknown_key_as_override(d: Path, model: Path):
     path = write_config(d, model)
     return (["split", str(path), "dpo.betta=0.2"],
-            ["override 'dpo.betta=0.2'", "unknown config key 'dpo.betta'"], "did you mean: 'beta'?")
+            ["override 'dpo.betta=0.2'", "unknown config key 'dpo.betta'"], "did you mean dpo.beta?")
+
+
+def unknown_chat_template(d: Path, model: Path):
+    path = write_config(d, model)
+    return (["split", str(path), "model.chat_template=llama"],
+            [str(path), "model.chat_template: unknown chat template 'llama'"], "did you mean llama3? use one of solar")
 
 
 def bad_override_syntax(d: Path, model: Path):
@@ -261,8 +268,9 @@ def unwritable_run_dir(d: Path, model: Path):
              f"{d / 'a-file'} is a file, not a folder"], "run_dir=", 1)
 
 
-CASES = [unknown_key_in_yaml, unknown_key_in_a_source, unknown_key_as_override, bad_override_syntax,
-         missing_config_file, unknown_format_value, fractions_not_summing_to_one, natural_split_unknown_source,
+CASES = [unknown_key_in_yaml, unknown_key_in_a_source, unknown_key_as_override, unknown_chat_template,
+         bad_override_syntax, missing_config_file, unknown_format_value, fractions_not_summing_to_one,
+         natural_split_unknown_source,
          missing_data_file, malformed_json_line, missing_columns, misnamed_columns, wrong_type_in_a_row,
          wrong_type_in_the_config_file, empty_file, empty_split, unknown_split, every_row_skipped, invalid_utf8,
          invalid_utf8_in_csv, json_line_not_an_object, natural_step_with_no_rows,

@@ -52,7 +52,8 @@ def finished_run(tmp_path_factory, tiny_model_dir):
 def test_run_produces_exactly_these_files(finished_run):
     config, run, result = finished_run
     assert result.stdout.strip() == str(run / "checkpoints" / "step-2")
-    assert files(run) == {"config.yaml", "data", "reflogp", "checkpoints", "logs", "reports"}
+    # + the marker that the folder is sdpo's and the run-directory lock (docs/reliability.md, "Lock", "Your files")
+    assert files(run) == {"config.yaml", "data", "reflogp", "checkpoints", "logs", "reports", ".sdpo-run", ".sdpo-lock"}
     assert files(run / "data") == {"step-1", "step-2"}
     for stage in ("data", "reflogp"):
         for t in (1, 2):

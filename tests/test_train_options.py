@@ -171,7 +171,10 @@ def test_gradient_accumulation_with_nll_weight_equals_the_same_global_batch(prep
 
 
 def shift_reference(reflogp: Path, column: str, by: float) -> None:
-    """Rewrite reflogp/step-t's arrow data with `column` shifted; meta.json (and so its fingerprint) is kept."""
+    """Rewrite reflogp/step-t's arrow data with `column` shifted; meta.json keeps its fingerprint, and its record of
+    the files (sdpo_cli/integrity.py) is brought up to date, as if reflogp had written these numbers."""
+    from sdpo_cli import integrity
+
     ref = datasets.load_from_disk(str(reflogp))
     shifted = ref.map(lambda row: {column: row[column] + by})
     staging = reflogp.with_name(reflogp.name + "-rewritten")
@@ -181,15 +184,18 @@ def shift_reference(reflogp: Path, column: str, by: float) -> None:
         assert f.name != "meta.json"
         os.replace(f, reflogp / f.name)  # a new file under the old name: any mapped copy of the old one stays valid
     staging.rmdir()
+    meta = json.loads((reflogp / "meta.json").read_text())
+    meta["files"] = integrity.manifest(reflogp)
+    (reflogp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
 
 
 def test_ln2_check_fails_loudly_on_wrong_reference_logps(prepared, tmp_path):
     config, run = prepared
     copy = tmp_path / "run"
     shutil.copytree(run, copy)
-    meta = (copy / "reflogp" / "step-1" / "meta.json").read_text()
+    fingerprint = json.loads((copy / "reflogp" / "step-1" / "meta.json").read_text())["fingerprint"]
     shift_reference(copy / "reflogp" / "step-1", "ref_chosen_logp", 1.0)
-    assert (copy / "reflogp" / "step-1" / "meta.json").read_text() == meta
+    assert json.loads((copy / "reflogp" / "step-1" / "meta.json").read_text())["fingerprint"] == fingerprint
     result = sdpo("train", "--step", "1", str(config), f"run_dir={copy}")  # a warning, not an error
     first = read_log(copy / "logs" / "train-step-1.jsonl")[0]
     # every pair: δ = (π_c − (ref_c + 1)) − (π_r − ref_r) = −1 at update 0, so the loss is −log σ(−β) = softplus(β)
