@@ -28,8 +28,28 @@ from rich.table import Table
 from sdpo_cli.context import RunContext
 from sdpo_cli.errors import SdpoError
 
+
+class _FlagHelp:
+    """-h / --help shown as the flag it is (typer would print `--help -h <bool>`), as our own flags."""
+
+    def get_help_option(self, ctx):
+        option = super().get_help_option(ctx)
+        if option is not None:
+            option.metavar = ""
+        return option
+
+
+class _Command(_FlagHelp, typer.core.TyperCommand):
+    pass
+
+
+class _Group(_FlagHelp, typer.core.TyperGroup):
+    pass
+
+
 app = typer.Typer(
     name="sdpo",
+    cls=_Group,
     help="Stepwise DPO (sDPO, Kim et al. 2024, arXiv:2403.19270): align a causal LM with preference data in steps, "
          "each step's reference being the model aligned by the step before.\n\n"
          "Example: sdpo run configs/fixtures.yaml run_dir=runs/fixtures && "
@@ -44,7 +64,24 @@ ConfigArg = Annotated[Path, typer.Argument(help="YAML config file (see configs/)
 Overrides = Annotated[Optional[List[str]], typer.Argument(help="Overrides as key=value, e.g. dpo.beta=0.2.",
                                                           show_default=False)]
 StepOpt = Annotated[int, typer.Option("--step", "-t", min=1, help="sDPO step t (1-based).")]
-ForceOpt = Annotated[bool, typer.Option("--force", help="Redo the stage even if it is finished.")]
+# A flag takes no value: metavar="" keeps typer from showing one (`--force <bool>`) in --help
+ForceOpt = Annotated[bool, typer.Option("--force", metavar="", help="Redo the stage even if it is finished.")]
+JsonOpt = Annotated[bool, typer.Option("--json", metavar="", help="Print JSON to stdout instead of a table.")]
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from sdpo_cli import __version__
+
+        typer.echo(f"sdpo {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _app(version: Annotated[bool, typer.Option(
+        "--version", metavar="", is_eager=True, callback=_print_version, help="Print the version and exit.")] = False,
+) -> None:
+    """--version, the app's one option of its own (its help text is Typer(help=...) above)."""
 
 
 def _config(config: Path, overrides: list[str] | None):
@@ -78,6 +115,7 @@ def _run_dir(cfg, ctx: RunContext, *, required: bool = True):
     when it is a folder of the user's), locked by this command (lock.py; rank 0 for the whole job), and cleared of
     what killed writers left (RunDir.recover). Yields None; with required=False (gamma) it yields instead the
     reason why this command must not write there (read-only, another process holds it)."""
+    from sdpo_cli.distributed import wait_for_ranks
     from sdpo_cli.lock import hold
     from sdpo_cli.rundir import RunDir
 
@@ -94,6 +132,8 @@ def _run_dir(cfg, ctx: RunContext, *, required: bool = True):
         if blocked is None and ctx.is_main:
             for line in run.recover():
                 ctx.info(line)
+        if required:  # the other ranks look at the run directory only once rank 0 has recovered it
+            wait_for_ranks(ctx)
         yield blocked
 
 
@@ -106,7 +146,7 @@ def _record(cfg, ctx: RunContext) -> None:
         write_text_atomic(Path(cfg.run_dir) / "config.yaml", to_yaml(cfg))
 
 
-@app.command()
+@app.command(cls=_Command)
 @_interruptible
 def split(config: ConfigArg, overrides: Overrides = None, force: ForceOpt = False) -> None:
     """Build the step datasets data/step-1..T (and data/eval) from the configured sources.
@@ -125,7 +165,7 @@ def split(config: ConfigArg, overrides: Overrides = None, force: ForceOpt = Fals
         ctx.out.print(str(path))
 
 
-@app.command()
+@app.command(cls=_Command)
 @_interruptible
 def reflogp(config: ConfigArg, step: StepOpt, overrides: Overrides = None, force: ForceOpt = False) -> None:
     """Precompute reference log-probs (and γ_ref) of D_t with the step's reference (M_{t-1} by default).
@@ -141,7 +181,7 @@ def reflogp(config: ConfigArg, step: StepOpt, overrides: Overrides = None, force
     ctx.out.print(str(out))
 
 
-@app.command()
+@app.command(cls=_Command)
 @_interruptible
 def train(config: ConfigArg, step: StepOpt, overrides: Overrides = None, force: ForceOpt = False) -> None:
     """Run one DPO step on D_t, starting from M_{t-1}; writes checkpoints/step-t (M_t).
@@ -157,7 +197,7 @@ def train(config: ConfigArg, step: StepOpt, overrides: Overrides = None, force: 
     ctx.out.print(str(out))
 
 
-@app.command()
+@app.command(cls=_Command)
 @_interruptible
 def run(config: ConfigArg, overrides: Overrides = None, force: ForceOpt = False) -> None:
     """Run every stage of every step (split, then reflogp + train per step), skipping finished stages.
@@ -173,7 +213,7 @@ def run(config: ConfigArg, overrides: Overrides = None, force: ForceOpt = False)
     ctx.out.print(str(out))
 
 
-@app.command()
+@app.command(cls=_Command)
 @_interruptible
 def gamma(
     config: ConfigArg,
@@ -182,7 +222,7 @@ def gamma(
         "--checkpoint", "-c", help="base | step-N | PATH; repeat for several (default: base and every step).")] = None,
     data: Annotated[Optional[str], typer.Option(
         "--data", "-d", help="step-N | eval | a data file (default: the last step's data).")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON to stdout instead of a table.")] = False,
+    as_json: JsonOpt = False,
     plot: Annotated[Optional[Path], typer.Option("--plot", help="Draw mean γ per checkpoint to this PNG.")] = None,
 ) -> None:
     """Mean γ = log π(chosen) − log π(rejected) of checkpoints on a dataset (the paper's Fig. 2).
@@ -212,7 +252,7 @@ def gamma(
     ctx.out.print(table)
 
 
-@app.command("eval")
+@app.command("eval", cls=_Command)
 @_interruptible
 def evaluate(
     config: ConfigArg,
@@ -224,8 +264,9 @@ def evaluate(
                         "repeated (default: eval.tasks, i.e. h4).")] = None,
     limit: Annotated[Optional[int], typer.Option(
         "--limit", min=1, help="Score only the first N documents of each task (default: eval.limit: all).")] = None,
-    force: Annotated[bool, typer.Option("--force", help="Score again even if cache/eval has the score.")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON to stdout instead of a table.")] = False,
+    force: Annotated[bool, typer.Option("--force", metavar="",
+                                        help="Score again even if cache/eval has the score.")] = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """Benchmark checkpoints with lm-evaluation-harness: H4 = ARC, HellaSwag, MMLU, TruthfulQA (the paper's Table 2).
 

@@ -45,3 +45,14 @@ def check_world(num_processes: int, ctx: RunContext) -> None:
             "train alone on all the data",
             hint="on CPU-only machines set ACCELERATE_USE_CPU=1 (gloo); on GPUs check that every rank sees a GPU",
         )
+
+
+def wait_for_ranks(ctx: RunContext) -> None:
+    """A barrier over the launched processes (none in one process): e.g. every rank waits until rank 0 has locked
+    the run directory and put back what killed writers left, before any rank looks at an artifact."""
+    if ctx.world_size <= 1:
+        return
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU")).wait_for_everyone()

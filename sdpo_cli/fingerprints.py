@@ -71,9 +71,13 @@ def train_fp(cfg: SdpoConfig, run: RunDir, step: int) -> str:
     # dpo.reference / dpo.target_init enter through the models they name (reflogp's fingerprint, the init model's
     # identity), so step 1 of `target_init=base` and of `previous` (both start from S) is the same computation.
     config["dpo"] = {k: v for k, v in config["dpo"].items() if k not in ("reference", "target_init")}
-    return fingerprint("train", data_fp(run, step), reflogp.get("fingerprint"),
-                       model_identity(target_init_model(cfg, run, step), cfg.model.revision), config, cfg.seed,
-                       numerics(cfg))
+    parts = ["train", data_fp(run, step), reflogp.get("fingerprint"),
+             model_identity(target_init_model(cfg, run, step), cfg.model.revision), config, cfg.seed, numerics(cfg)]
+    if cfg.train.gradient_accumulation > 1:
+        # since 0.1 (this session) an update's loss is the mean over the update's pairs, not the mean of its
+        # micro-batches' means: that changes the weights only with accumulation, so only those runs go stale
+        parts.append("loss=mean-over-update")
+    return fingerprint(*parts)
 
 
 def require_data(cfg: SdpoConfig, run: RunDir, step: int | str, tok) -> Path:

@@ -12,6 +12,7 @@ the cache and reports/gamma.json were not written.
 
 from __future__ import annotations
 
+import errno
 import statistics
 from pathlib import Path
 
@@ -83,6 +84,8 @@ class _Saving:
         try:
             save()
         except OSError as e:
+            if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+                raise  # not a permission: a real I/O problem, shown as it is
             self.blocked = f"{e.filename or 'the run directory'} is not writable ({e.strerror or e})"
         except SdpoError as e:  # a full disk (rundir.disk_full_error), a folder in the way of the cache
             self.blocked = e.message

@@ -135,7 +135,7 @@ class TaskLoader:
             raise DataError(f"{what}: its dataset cannot be loaded ({first_line(e)})", hint=offline_hint()) from None
         except (ValueError, TypeError, OSError) as e:
             raise ConfigError(f"{what}: lm-eval cannot load it ({first_line(e)})",
-                              hint="check the task YAML against lm-eval's task guide; see docs/eval.md") from None
+                              hint="check the task YAML against lm-eval's task guide; see docs/eval.md") from e
 
 
 def folder_names(folder: Path) -> tuple[list[str], list[str]]:

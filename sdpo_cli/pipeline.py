@@ -25,13 +25,14 @@ from sdpo_cli.reflogp import run_reflogp
 from sdpo_cli.reports import plot_losses, read_log
 from sdpo_cli.rundir import RunDir
 from sdpo_cli.split import run_split
-from sdpo_cli.train import run_train
+from sdpo_cli.train import check_trackers, run_train
 
 
 def run_all(cfg: SdpoConfig, *, force: bool = False, ctx: RunContext | None = None) -> Path:
     ctx = ctx or RunContext.from_env()
     run = RunDir(cfg.run_dir)
     steps = num_steps(cfg)
+    check_trackers(cfg.train.report_to, ctx)  # a tracker that is not installed stops the run before the split
     evaluator = _evaluator(cfg, ctx)
     # every artifact a stage returns (finished before or just written) has all its files, at their recorded sizes:
     # stat calls only. A stage that reads an artifact verifies its content itself (sdpo_cli/integrity.py).

@@ -108,7 +108,7 @@ class RunDir:
             self.root.mkdir(parents=True, exist_ok=True)
             probe = self.root / f".write-test-{os.getpid()}"
             probe.write_text("")
-            probe.unlink()
+            probe.unlink(missing_ok=True)  # a recovering holder of the lock may have removed it already
         except OSError as e:
             if disk_full(e):
                 raise SdpoError(f"{self.root}: run_dir: disk full", hint=f"free space, or {hint}") from None
@@ -146,6 +146,8 @@ class RunDir:
             remove(probe)
         for folder in _search(self.root):
             targets = {_target(folder, m) for m in (_LEFTOVER.match(p.name) for p in folder.iterdir()) if m}
+            if folder == self.root:
+                targets = {t for t in targets if t.name in ROOT_FILES}
             for target in sorted(targets):
                 if settle(target):
                     done.append(f"{self.rel(target)}: completed the write a killed process had left unfinished")
@@ -193,16 +195,23 @@ def environment() -> dict:
     }
 
 
-def disk_full(e: BaseException) -> bool:
+def disk_full(e: BaseException, where: Path | None = None) -> bool:
     """ENOSPC / EDQUOT, also as the libraries report them, matched on their text: pyarrow's OSError without errno,
-    safetensors' SafetensorError ("I/O error: No space left on device (os error 28)", or IoError StorageFull), torch's
-    RuntimeError from its zip writer ("unexpected pos 576 vs 534", "PytorchStreamWriter failed writing file ...:
-    file write failed")."""
+    safetensors' SafetensorError ("I/O error: No space left on device (os error 28)", or IoError StorageFull). torch's
+    zip writer says only that a write came short ("unexpected pos 576 vs 534", "PytorchStreamWriter failed writing
+    file ...: file write failed"), which an I/O error or a file-size limit also cause: that counts as a full disk only
+    when the filesystem of `where` has less than 64 MiB left."""
     if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
         return True
     text = str(e)
-    return any(s in text for s in ("No space left on device", "StorageFull", "Disk quota exceeded", "os error 28",
-                                   "unexpected pos", "file write failed"))
+    if any(s in text for s in ("No space left on device", "StorageFull", "Disk quota exceeded", "os error 28")):
+        return True
+    if where is None or not any(s in text for s in ("unexpected pos", "file write failed")):
+        return False
+    try:
+        return shutil.disk_usage(next(p for p in [where, *where.parents] if p.exists())).free < 64 * 2**20
+    except (OSError, StopIteration):
+        return False
 
 
 def disk_full_error(path: Path) -> SdpoError:
@@ -253,7 +262,7 @@ def writing(path: Path, meta: dict) -> Iterator[Path]:
         remove(tmp)
         if not path.exists() and old.is_dir():
             os.replace(old, path)  # interrupted between the two renames: the previous artifact goes back
-        if isinstance(e, Exception) and not isinstance(e, SdpoError) and disk_full(e):
+        if isinstance(e, Exception) and not isinstance(e, SdpoError) and disk_full(e, path):
             raise disk_full_error(path) from e
         raise
 
@@ -294,9 +303,12 @@ def write_json_atomic(path: Path, obj: Any) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 # What a killed writer leaves, and how the next start resolves it
 
-# `.<name>.tmp-<pid>` / `.<name>.old-<pid>` (writing, write_bytes_atomic) and `.<name>.state.tmp` / `.old`
-# (train._save_state): a temporary sibling being filled, or the previous version set aside during a replace
-_LEFTOVER = re.compile(r"^(?P<base>\..+?)\.(?:tmp|old)(?:-\d+)?$")
+# `.<name>.tmp-<pid>` / `.<name>.old-<pid>` (writing, write_bytes_atomic) and `.step-t.state.tmp` / `.old`
+# (train._save_state): a temporary sibling being filled, or the previous version set aside during a replace. Only
+# these shapes, in the folders sdpo makes (`_search`): a user's `.env.old` or `notes/.draft.tmp` is never touched.
+_LEFTOVER = re.compile(r"^(?P<base>\..+?)\.(?:tmp|old)-\d+$|^(?P<state>\.step-\d+\.state)\.(?:tmp|old)$")
+SDPO_FOLDERS = ("data", "reflogp", "checkpoints", "cache/logps", "cache/eval", "logs", "reports")
+ROOT_FILES = ("config.yaml",)  # what sdpo writes at the top of a run directory (besides its marker and lock)
 
 
 def _hidden(name: str) -> str:
@@ -305,19 +317,15 @@ def _hidden(name: str) -> str:
 
 def _target(folder: Path, match: re.Match) -> Path:
     """The path a leftover belongs to: `.step-1.tmp-7` to `step-1`, `.step-1.state.tmp` to `.step-1.state`."""
-    base = match["base"]
-    return folder / (base if base.endswith(".state") else base[1:])
+    if match["state"]:
+        return folder / match["state"]
+    return folder / match["base"][1:]
 
 
 def _search(root: Path) -> list[Path]:
-    """The folders of the run directory that hold artifacts, state folders and files: the root and two levels below
-    (data/, checkpoints/, logs/, reports/, cache/logps/ ...), never the inside of an artifact or of a hidden folder."""
-    found, level = [root], [root]
-    for _ in range(2):
-        level = [d for f in level for d in sorted(f.iterdir())
-                 if d.is_dir() and not d.is_symlink() and not d.name.startswith(".") and not (d / META).exists()]
-        found += level
-    return found
+    """The folders sdpo makes in a run directory and writes artifacts, states and files into (never the inside of an
+    artifact), the root included."""
+    return [root] + [root / f for f in SDPO_FOLDERS if (root / f).is_dir() and not (root / f).is_symlink()]
 
 
 def leftovers(path: Path) -> list[Path]:

@@ -35,6 +35,7 @@ from sdpo_cli.fingerprints import reflogp_fp, require_data, require_step, train_
 from sdpo_cli.logprobs import PairLogps
 from sdpo_cli.lora import merged_model, with_lora
 from sdpo_cli.loss import dpo_losses, loss_at_equal_models
+from sdpo_cli.modelcard import write_model_card
 from sdpo_cli.models import compile_blocks, disable_dropout, load_model, reference_model, target_init_model
 from sdpo_cli.reports import read_log
 from sdpo_cli.rundir import (
@@ -59,9 +60,12 @@ METRICS = ("loss", "loss/dpo", "rewards/chosen", "rewards/rejected", "rewards/ma
 def run_train(cfg: SdpoConfig, step: int, *, force: bool = False, ctx: RunContext | None = None) -> Path:
     ctx = ctx or RunContext.from_env()
     started = time.time()
+    check_trackers(cfg.train.report_to, ctx)
     inputs = StepInputs.check(cfg, step, ctx)
     if not force and check_not_stale(inputs.out, inputs.fingerprint, f"sdpo train CONFIG --step {step}"):
         ctx.info(f"train step {step}: finished already ({inputs.run.rel(inputs.out)}), skipping")
+        if ctx.is_main:  # a kill after M_t was written and before its resume state was deleted left that state
+            _discard_state(inputs.state_dir)
         return inputs.out
     rows = inputs.rows()
 
@@ -91,7 +95,7 @@ def run_train(cfg: SdpoConfig, step: int, *, force: bool = False, ctx: RunContex
         accelerator.end_training()
     meta = {"stage": "train", "step": step, "started": started, "fingerprint": inputs.fingerprint,
             "target_init": target.init, "reference": target.reference, "data": inputs.run.rel(inputs.data_path),
-            "pairs": len(rows), "updates": loop.total, "epochs": loop.epoch,
+            "pairs": len(rows), "updates": loop.total, "epochs": loop.epochs_done,
             "world_size": accelerator.num_processes, "layout": target.layout, "compiled": bool(tr.compile),
             "first": records[0], "last": records[-1], "log": inputs.run.rel(inputs.log_path)}
     save_target(cfg, inputs, target, accelerator=accelerator, policy=policy, optimizer=optimizer, meta=meta)
@@ -101,6 +105,28 @@ def run_train(cfg: SdpoConfig, step: int, *, force: bool = False, ctx: RunContex
         _discard_state(inputs.state_dir)  # M_t is complete: the resume state has served
     accelerator.wait_for_everyone()
     return inputs.out
+
+
+def check_trackers(names: list[str], ctx: RunContext) -> None:
+    """train.report_to: every tracker known to accelerate and installed, checked before any model loads (accelerate
+    itself only warns about a missing one and then logs nothing to it). A tracker registered with accelerate
+    (accelerate.tracking.register_tracker_class) counts as known; `all` takes whichever are installed."""
+    if not names:
+        return
+    import accelerate.utils as accelerate_utils
+    from accelerate.tracking import LOGGER_TYPE_TO_CLASS
+    from accelerate.utils import LoggerType
+
+    known = LoggerType.list()
+    for name in names:
+        if name not in known and name not in LOGGER_TYPE_TO_CLASS:
+            raise ConfigError(f"{ctx.config_path}: train.report_to: unknown tracker {name!r}",
+                              hint=f"one of {', '.join(known)} (accelerate's trackers)")
+        available = getattr(accelerate_utils, f"is_{name}_available", None)  # none for `all` and registered ones
+        if available is not None and not available():
+            raise ConfigError(f"{ctx.config_path}: train.report_to: {name} is not installed, so nothing would be "
+                              "logged to it",
+                              hint=f"pip install {name}  # or leave it out of train.report_to")
 
 
 def tracker_config(sections: dict) -> dict:
@@ -184,14 +210,12 @@ class Target:
     reference: str  # π_ref of the step, whose log-probs reflogp computed
     layout: str  # collation layout (sdpo_cli/collate.py), reflogp's too
     pad_id: int
-    use_cache: bool | None  # the loaded config's, restored in M_t for users who generate with it
 
     @classmethod
     def load(cls, cfg: SdpoConfig, inputs: StepInputs, ctx: RunContext) -> Target:
         tr, step = cfg.train, inputs.step
         init = target_init_model(cfg, inputs.run, step)
         model = load_model(cfg.model, init, train=True)
-        use_cache = model.config.use_cache
         if tr.disable_dropout:
             disable_dropout(model)
         if cfg.peft.enabled:
@@ -204,7 +228,7 @@ class Target:
         if tr.compile:
             ctx.info(f"train step {step}: torch.compile of {compile_blocks(model)} transformer blocks (the first "
                      "updates of each new shape compile)")
-        return cls(model, init, reference_model(cfg, inputs.run, step), layout, inputs.tok.pad_token_id, use_cache)
+        return cls(model, init, reference_model(cfg, inputs.run, step), layout, inputs.tok.pad_token_id)
 
 
 class PairCollator:
@@ -262,13 +286,27 @@ class PairScores:
     losses: torch.Tensor
 
 
+# The accuracy the metric line prints: a pair counts when its margin is above the float noise of recomputing the
+# reference's log-probs in other batches (reflogp scores pairs in other batches and paddings than train), so update 0,
+# target == reference, prints acc 0.00 and not the share of pairs whose noise came out positive. The logged
+# rewards/accuracies stays strict (margin > 0), as TRL's.
+ACCURACY_SHOWN = "rewards/accuracies_shown"
+NOISE = 1e-5  # relative to the summed log-probs' size: float32 sums over hundreds of tokens, other kernels
+
+
+def _clearly_above(margins: torch.Tensor, ref_chosen: torch.Tensor, ref_rejected: torch.Tensor, *,
+                   beta: float) -> torch.Tensor:
+    """margin > the noise of β·((π_c − ref_c) − (π_r − ref_r)) when each log-prob is off by NOISE of its size."""
+    return margins > NOISE * beta * (1.0 + ref_chosen.abs() + ref_rejected.abs())
+
+
 class MetricSums:
     """Everything a log record needs, summed over the real pairs since the last record (FullBatches' weight-0
     padding copies count for nothing). Device-side accumulators: one host sync per logged update, not per
     micro-batch. `state_dict` / `load_state_dict` carry an unfinished window through a saved state, so the first
     record after a resume equals the uninterrupted run's."""
 
-    KEYS = (*METRICS[1:], "nll", "chosen_tokens", "pairs", "tokens")
+    KEYS = (*METRICS[1:], "nll", "chosen_tokens", "pairs", "tokens", ACCURACY_SHOWN)
 
     def __init__(self, device, beta: float, nll_weight: float):
         self.device, self.beta, self.nll_weight = device, beta, nll_weight
@@ -285,6 +323,7 @@ class MetricSums:
                             ("rewards/chosen", chosen_reward), ("rewards/rejected", rejected_reward),
                             ("rewards/margins", chosen_reward - rejected_reward),
                             ("rewards/accuracies", chosen_reward > rejected_reward),  # strict, as TRL
+                            (ACCURACY_SHOWN, _clearly_above(chosen_reward - rejected_reward, rc, rr, beta=self.beta)),
                             ("logps/chosen", pc), ("logps/rejected", pr), ("gamma/policy", pc - pr),
                             ("gamma/ref", rc - rr), ("pairs", torch.ones_like(pc)),
                             ("tokens", batch.distinct_tokens)):
@@ -309,8 +348,9 @@ class MetricSums:
         record.update(lr=lr, grad_norm=float(grad_norm) if grad_norm is not None else None,
                       tokens=int(totals["tokens"]), pairs=int(totals["pairs"]))
         record["tokens/s"] = totals["tokens"] / max(seconds, 1e-9)
+        # the printed accuracy (ACCURACY_SHOWN) travels beside the record; TrainLoop._log takes it out before logging
         return {k: record[k] for k in ("step", "update", "epoch", *METRICS, "lr", "grad_norm", "tokens", "tokens/s",
-                                       "pairs")}
+                                       "pairs")} | {ACCURACY_SHOWN: totals[ACCURACY_SHOWN] / pairs}
 
     def state_dict(self, accelerator) -> dict[str, float]:
         """The window's sums over every process (a collective call), for the main process to save."""
@@ -337,8 +377,8 @@ class TrainLoop:
         self.expect_ln2 = expect_ln2  # target == reference at update 0 only when both start from the same model
         self.world = accelerator.num_processes
         self.chosen_tokens = chosen_tokens  # per row: the NLL term's denominator
-        updates_per_epoch = math.ceil(len(loader) / self.tr.gradient_accumulation)
-        self.total = self.tr.max_updates or max(1, math.ceil(self.tr.epochs * updates_per_epoch))
+        self.updates_per_epoch = math.ceil(len(loader) / self.tr.gradient_accumulation)
+        self.total = self.tr.max_updates or max(1, math.ceil(self.tr.epochs * self.updates_per_epoch))
         self.pairs_per_update = self.tr.per_device_batch_size * self.tr.gradient_accumulation * self.world
         self.scheduler = get_scheduler(self.tr.lr_schedule, optimizer, num_training_steps=self.total,
                                        num_warmup_steps=math.ceil(self.tr.warmup_ratio * self.total))
@@ -384,12 +424,19 @@ class TrainLoop:
                         bar.update(task, status=f"loss {record['loss']:.4f}")
                     self.update += 1
                     bar.update(task, completed=self.update)
-                    if self.update >= self.total:
+                    stopping = stop.requested(self.accelerator)
+                    if self.update >= self.total and not stopping:
                         break
-                    self._maybe_save(stop.requested(self.accelerator), done_in_epoch)
+                    # a stop asked for during the last update saves the state too: the rerun writes M_t from it
+                    self._maybe_save(stopping, done_in_epoch)
                 else:
                     self.epoch += 1
         return self.records
+
+    @property
+    def epochs_done(self) -> float:
+        """The epochs trained so far: updates done / updates per epoch (1.0 for one whole epoch; meta.json)."""
+        return round(self.update / self.updates_per_epoch, 4)
 
     def _micro_batch(self, batch: PairBatch, ref: torch.Tensor, weight: torch.Tensor, update_total: tuple[int, int]):
         """Forward, loss and backward of one micro-batch (and the optimizer update at an accumulation boundary);
@@ -427,6 +474,7 @@ class TrainLoop:
         record = self.sums.record(self.accelerator, step=self.step, update=self.update, epoch=self.epoch, lr=lr,
                                   grad_norm=grad_norm, since=self.t_last)
         self.t_last = time.time()
+        accuracy = record.pop(ACCURACY_SHOWN)
         if self.update == 0:
             check_first_update(record, self.cfg, step=self.step, applies=self.expect_ln2, ctx=self.ctx)
         self.records.append(record)
@@ -434,7 +482,7 @@ class TrainLoop:
         if self.tr.report_to:
             self.accelerator.log({k: v for k, v in record.items() if isinstance(v, float)}, step=self.update)
         self.ctx.info(f"step {self.step} | update {self.update:>4}/{self.total} | loss {record['loss']:.4f} | margin "
-                      f"{record['rewards/margins']:.4f} | acc {record['rewards/accuracies']:.2f} | lr {lr:.2e}")
+                      f"{record['rewards/margins']:.4f} | acc {accuracy:.2f} | lr {lr:.2e}")
         return record
 
     def _maybe_save(self, stopping: str | None, done_in_epoch: int) -> None:
@@ -446,8 +494,9 @@ class TrainLoop:
             _save_state(self.accelerator, self.inputs.state_dir, progress)
         if stopping:
             raise Interrupted(
-                f"train step {self.step}: stopped by {stopping} after update {self.update}/{self.total}; state saved "
-                f"in {self.inputs.state_dir}", hint="rerun the same command to resume from there")
+                f"train step {self.step}: stopped by {stopping} after update {self.update - 1} ({self.update} of "
+                f"{self.total} done); state saved in {self.inputs.state_dir}",
+                hint="rerun the same command to resume from there")
 
     def _resume(self, force: bool) -> None:
         """Continue from the step's last saved state, if it was made by this very configuration."""
@@ -458,6 +507,9 @@ class TrainLoop:
         progress = _load_state(self.accelerator, state_dir, self.inputs.fingerprint, self.step, self.ctx)
         if progress is None:
             return
+        # updates are numbered from 0, as in the log: after `update` updates done, the last one was update - 1
+        self.ctx.info(f"train step {self.step}: resuming after update {progress['update'] - 1} ({progress['update']} "
+                      f"of {self.total} done) from {state_dir}")
         self.records = _read_records(self.inputs.log_path)[: progress["records"]]
         self.update, self.epoch, self.skip = progress["update"], progress["epoch"], progress["batches"]
         if "sums" in progress:  # states saved before the window's sums were kept start a fresh window
@@ -546,7 +598,8 @@ class StopSignals:
 
 def save_target(cfg: SdpoConfig, inputs: StepInputs, target: Target, *, accelerator, policy, optimizer,
                 meta: dict) -> None:
-    """M_t in Hugging Face layout with the base tokenizer, written atomically with its meta.json (main process)."""
+    """M_t in Hugging Face layout with the base tokenizer and its model card (README.md, sdpo_cli/modelcard.py),
+    written atomically with its meta.json (main process)."""
     sharded = _sharded(accelerator)
     # the full state dict (a collective call under FSDP / ZeRO-3); with LoRA in one process or under DDP, peft
     # reads the adapter from the model itself
@@ -554,7 +607,7 @@ def save_target(cfg: SdpoConfig, inputs: StepInputs, target: Target, *, accelera
     if not accelerator.is_main_process:
         return
     unwrapped = accelerator.unwrap_model(policy).model
-    unwrapped.config.use_cache = True if target.use_cache is False else target.use_cache
+    unwrapped.config.use_cache = True  # load_model turned the KV cache off for training; users generate with M_t
     with writing(inputs.out, meta) as tmp:
         if cfg.peft.enabled:
             # sDPO with LoRA: M_t = M_{t-1} + this step's adapter, merged, so that M_t is a plain model and
@@ -569,6 +622,8 @@ def save_target(cfg: SdpoConfig, inputs: StepInputs, target: Target, *, accelera
         inputs.tok.save_pretrained(str(tmp))
         if cfg.train.save_optimizer:
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        write_model_card(tmp, cfg, meta=meta, data_meta=read_meta(inputs.data_path) or {},
+                         ref_meta=read_meta(inputs.ref_path) or {}, published=inputs.out)
 
 
 def _save_state(accelerator, state_dir: Path, progress: dict) -> None:
@@ -587,12 +642,14 @@ def _save_state(accelerator, state_dir: Path, progress: dict) -> None:
     level, quiet.level = quiet.level, logging.ERROR
     try:
         accelerator.save_state(str(tmp))
+        # every rank writes its own files (RNG states, shards): the state is complete only when all have finished
+        accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             write_json_atomic(tmp / PROGRESS, progress)  # written last: marks the state complete
     except Exception as e:  # torch: RuntimeError ("unexpected pos"), safetensors: SafetensorError, ours: SdpoError
         if accelerator.is_main_process:
             remove(tmp)
-        if disk_full(e.__cause__ if isinstance(e, SdpoError) and e.__cause__ else e):
+        if disk_full(e.__cause__ if isinstance(e, SdpoError) and e.__cause__ else e, state_dir):
             raise disk_full_error(state_dir) from e  # the previous state, if any, is still there to resume from
         raise
     finally:
@@ -621,7 +678,6 @@ def _load_state(accelerator, state_dir: Path, fp: str, step: int, ctx: RunContex
         ctx.warn(f"train step {step}: ignoring {state_dir}: it was saved by another configuration")
         return None
     accelerator.load_state(str(state_dir))
-    ctx.info(f"train step {step}: resuming after update {progress['update']} from {state_dir}")
     return progress
 
 

@@ -3,6 +3,8 @@ its usage and the Example line of its docstring (docs/cli.md shows the same)."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from typer.testing import CliRunner
 
@@ -57,3 +59,31 @@ def test_app_help_has_an_example():
     assert "Example: sdpo run configs/fixtures.yaml" in result.output
     assert ("Example: sdpo run configs/fixtures.yaml run_dir=runs/fixtures && sdpo gamma configs/fixtures.yaml "
             "run_dir=runs/fixtures") in one_line(result.output)
+
+
+def test_version_prints_the_package_version():
+    from sdpo_cli import __version__
+
+    result = invoke("--version")
+    assert result.exit_code == 0, result.output
+    assert result.output == f"sdpo {__version__}\n"
+    assert "--version" in invoke("--help").output
+
+
+@pytest.mark.parametrize(("command", "flags"), [("split", ["--force"]), ("reflogp", ["--force"]),
+                                                ("train", ["--force"]), ("run", ["--force"]),
+                                                ("gamma", ["--json"]), ("eval", ["--force", "--json"]),
+                                                ("", ["--version"])])
+def test_flags_are_shown_without_a_value(command, flags):
+    """A flag takes no value: its help row names no type (typer's default would be `--force <bool>`); -h / --help
+    too. Options that take a value still show it."""
+    result = invoke(*([command] if command else []), "--help")
+    assert result.exit_code == 0, result.output
+    assert "<bool>" not in result.output
+    rows = {m[1]: m[0] for m in re.finditer(r"^│\s+(?:\*\s+)?(--[a-z-]+)[^\n]*", result.output, re.MULTILINE)}
+    for flag in [*flags, "--help"]:
+        assert "<" not in rows[flag], rows[flag]
+    if command in ("reflogp", "train"):
+        assert "<int range>" in rows["--step"]
+    if command in ("gamma", "eval"):
+        assert "<list[str]>" in rows["--checkpoint"]

@@ -95,7 +95,7 @@ def test_sigint_stops_at_an_update_and_says_how_to_resume(long_config):
     assert progress["update"] >= 5
     result = run_cli("run", str(config), *FAST)
     assert result.returncode == 0, result.stderr
-    assert f"resuming after update {progress['update']}" in result.stderr
+    assert f"resuming after update {progress['update'] - 1} ({progress['update']} of " in result.stderr
     final = read_log(log2)[-1]
     assert final["loss"] == pytest.approx(read_log(reference / "logs" / "train-step-2.jsonl")[-1]["loss"], abs=1e-5)
 

@@ -261,14 +261,14 @@ def test_a_kill_just_after_a_resume_keeps_the_log(project, tmp_path):
     args = [*TRAIN1, project.config, f"run_dir={run}", "train.save_every=5"]
     log = run / "logs" / "train-step-1.jsonl"
     want = reference_log(project, "train.save_every=5")
-    # killed in the 14th update: the state of update 10 is saved, the log holds updates 0..12
+    # killed in the 14th update: the state after update 9 (10 done) is saved, the log holds updates 0..12
     killed = sdpo_with(BATCHES, *args, env={"SDPO_KILL_AT_BATCH": "14"})
     assert killed.returncode == 9, killed.stderr
     progress = json.loads((run / "checkpoints" / ".step-1.state" / "progress.json").read_text())
     assert progress["update"] == 10 and len(read_log(log)) == 13
     # killed again in the first update after the resume: the log holds the records up to the saved state
     killed = sdpo_with(BATCHES, *args, env={"SDPO_KILL_AT_BATCH": "1"})
-    assert killed.returncode == 9 and "resuming after update 10" in killed.stderr, killed.stderr
+    assert killed.returncode == 9 and "resuming after update 9 (10 of 24 done)" in killed.stderr, killed.stderr
     same_records(read_log(log), want[: progress["records"]])
     result = run_cli(*args)
     assert result.returncode == 0, result.stderr
@@ -293,7 +293,7 @@ def test_a_step_resumed_after_a_signal_logs_the_uninterrupted_records(project, t
     assert 4 <= progress["update"] < 24 and progress["sums"]["pairs"] > 0, progress  # inside a window
     result = run_cli(*args)
     assert result.returncode == 0, result.stderr
-    assert f"resuming after update {progress['update']}" in result.stderr
+    assert f"resuming after update {progress['update'] - 1} ({progress['update']} of 24 done)" in result.stderr
     same_records(read_log(log), reference_log(project, "train.logging_every=4", "train.save_every=0"))
 
 
@@ -324,7 +324,7 @@ def test_a_second_writer_is_refused_and_told_who_holds_the_run_dir(project, tmp_
         forced = run_cli("split", project.config, f"run_dir={run}", "--force")
         assert forced.returncode == 1 and f"pid {first.proc.pid}" in one_error(forced)[0]
         assert metas(run) == before  # nothing was redone or deleted
-        first.wait_for("update    6/24")  # a state was saved after update 5
+        first.wait_for("update    6/24")  # a state was saved after update 4 (5 done)
         first.proc.kill()  # SIGKILL: the kernel releases the lock
         first.finish()
     finally:
