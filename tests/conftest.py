@@ -150,3 +150,18 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None) -> sub
     full_env.update({"HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1", **(env or {})})
     return subprocess.run([sys.executable, "-m", "sdpo_cli", *args], capture_output=True, text=True,
                           cwd=str(cwd or ROOT), env=full_env, timeout=600)
+
+
+FAST = ["train.save_every=3", "train.logging_every=1"]  # a resumable state every 3 updates, every update logged
+
+
+@pytest.fixture
+def long_config(tiny_config, tmp_path):
+    """Two steps of 24 updates each on the tiny model: long enough to be interrupted mid-training."""
+    config, run = tiny_config(**{"train.per_device_batch_size": 2})
+    write_jsonl(tmp_path / "a.jsonl", tiny_pairs(48, seed=1))
+    write_jsonl(tmp_path / "b.jsonl", tiny_pairs(48, seed=2))
+    reference = tmp_path / "reference"
+    result = run_cli("run", str(config), f"run_dir={reference}", *FAST)
+    assert result.returncode == 0, result.stderr
+    return config, run, reference

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, run_cli, tiny_pairs, write_jsonl
+from tests.conftest import FAST, ROOT, run_cli
 from tests.test_errors import copy_model, run_in_process, write_config
-from tests.test_resume import FAST, read_log
+from tests.test_resume import read_log
 
 RESAVE = "download the model again, or save it again with save_pretrained"
 REMOTE_CODE_HINT = "model.trust_remote_code=true (if you trust the model's code)"
@@ -280,21 +280,9 @@ def wait_until(proc: subprocess.Popen, condition, timeout: float = 300, alive: b
     assert proc.poll() is None or not alive, "the run ended before the moment to signal it"
 
 
-@pytest.fixture
-def two_steps(tiny_config, tmp_path):
-    """As tests/test_resume.py's long_config: two steps of 24 updates each, and an uninterrupted run of them."""
-    config, run = tiny_config(**{"train.per_device_batch_size": 2})
-    write_jsonl(tmp_path / "a.jsonl", tiny_pairs(48, seed=1))
-    write_jsonl(tmp_path / "b.jsonl", tiny_pairs(48, seed=2))
-    reference = tmp_path / "reference"
-    result = run_cli("run", str(config), f"run_dir={reference}", *FAST)
-    assert result.returncode == 0, result.stderr
-    return config, run, reference
-
-
 @pytest.mark.slow
-def test_two_sigints_in_training_stop_at_once_and_the_rerun_resumes(two_steps):
-    config, run, reference = two_steps
+def test_two_sigints_in_training_stop_at_once_and_the_rerun_resumes(long_config):
+    config, run, reference = long_config
     log1, log2 = run / "logs" / "train-step-1.jsonl", run / "logs" / "train-step-2.jsonl"
 
     # two Ctrl-C in quick succession: the first asks for a stop at the update boundary, the second ends it now

@@ -12,9 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, run_cli
-
-FAST = ["train.save_every=3", "train.logging_every=1"]
+from tests.conftest import FAST, ROOT, run_cli
 
 
 def read_log(path: Path) -> list[dict]:
@@ -42,20 +40,6 @@ def run_and_signal(args: list[str], when, sig=signal.SIGKILL, cwd=ROOT, timeout=
 
 def metas(run: Path) -> dict:
     return {str(p.relative_to(run)): p.read_text() for p in run.rglob("meta.json")}
-
-
-@pytest.fixture
-def long_config(tiny_config, tmp_path):
-    """Two steps of 24 updates each on the tiny model: long enough to be interrupted mid-training."""
-    from tests.conftest import tiny_pairs, write_jsonl
-
-    config, run = tiny_config(**{"train.per_device_batch_size": 2})
-    write_jsonl(tmp_path / "a.jsonl", tiny_pairs(48, seed=1))
-    write_jsonl(tmp_path / "b.jsonl", tiny_pairs(48, seed=2))
-    reference = tmp_path / "reference"
-    result = run_cli("run", str(config), f"run_dir={reference}", *FAST)
-    assert result.returncode == 0, result.stderr
-    return config, run, reference
 
 
 @pytest.mark.slow
