@@ -7,12 +7,10 @@ does: each must end as one `Error:` line naming the file, one `Hint:` line, exit
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 from pathlib import Path
 
@@ -20,7 +18,7 @@ import pytest
 
 from tests.conftest import FAST, ROOT, run_cli
 from tests.test_errors import copy_model, run_in_process, write_config
-from tests.test_resume import read_log
+from tests.test_resume import read_log, start
 
 RESAVE = "download the model again, or save it again with save_pretrained"
 REMOTE_CODE_HINT = "model.trust_remote_code=true (if you trust the model's code)"
@@ -260,16 +258,6 @@ def test_a_second_signal_stops_at_once(sig):
     assert result.stdout == "first signal: flag set\n"
     assert f"Stopped at once by a second {sig}" in result.stderr and "Traceback" not in result.stderr
     assert time.time() - started < 25  # not the 30 s sleep
-
-
-def start(args: list[str]) -> tuple[subprocess.Popen, list[str], threading.Thread]:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "sdpo_cli", *args], cwd=str(ROOT), env=env, text=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    lines: list[str] = []
-    reader = threading.Thread(target=lambda: lines.extend(iter(proc.stderr.readline, "")), daemon=True)
-    reader.start()
-    return proc, lines, reader
 
 
 def wait_until(proc: subprocess.Popen, condition, timeout: float = 300, alive: bool = True) -> None:

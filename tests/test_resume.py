@@ -19,14 +19,20 @@ def read_log(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
 
 
-def run_and_signal(args: list[str], when, sig=signal.SIGKILL, cwd=ROOT, timeout=600):
-    """Start `python -m sdpo_cli ARGS`, send `sig` as soon as when(stderr_lines) is true; return (code, stderr)."""
+def start(args: list[str], cwd=ROOT) -> tuple[subprocess.Popen, list[str], threading.Thread]:
+    """`python -m sdpo_cli ARGS` in the background; its stderr lines collect in the returned list as they come."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "sdpo_cli", *args], cwd=str(cwd), env=env, text=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(iter(proc.stderr.readline, "")), daemon=True)
     reader.start()
+    return proc, lines, reader
+
+
+def run_and_signal(args: list[str], when, sig=signal.SIGKILL, cwd=ROOT, timeout=600):
+    """Start `python -m sdpo_cli ARGS`, send `sig` as soon as when(stderr_lines) is true; return (code, stderr)."""
+    proc, lines, reader = start(args, cwd)
     deadline = time.time() + timeout
     while proc.poll() is None and time.time() < deadline:
         if when(lines):
