@@ -1,6 +1,8 @@
 """The command line: a thin typer layer that parses, loads the config, calls one stage and prints the result.
 
-Run as: sdpo <split|reflogp|train|run|gamma|eval> CONFIG [key=value ...]   (see docs/cli.md)
+Run as: sdpo <split|reflogp|train|run|gamma|eval|status> CONFIG|RUN_DIR [key=value ...]   (see docs/cli.md)
+        sdpo run --model MODEL --data FILE_OR_ID [--data ...] [--run-dir DIR] [key=value ...]   (no YAML)
+        sdpo init [--model MODEL] [--data FILE_OR_ID ...] [--run-dir DIR] > my.yaml
 
 stdout carries results (artifact paths, the γ table or JSON); progress and diagnostics go to stderr. A user mistake
 ends as `Error: ...` + `Hint: ...` on stderr with exit code 2 (usage/config/data) or 1, and no traceback unless
@@ -60,13 +62,18 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-ConfigArg = Annotated[Path, typer.Argument(help="YAML config file (see configs/).", show_default=False)]
+ConfigArg = Annotated[Path, typer.Argument(
+    help="YAML config file (see configs/), or a run directory (the config it recorded, run_dir = that directory).",
+    show_default=False)]
 Overrides = Annotated[Optional[List[str]], typer.Argument(help="Overrides as key=value, e.g. dpo.beta=0.2.",
                                                           show_default=False)]
 StepOpt = Annotated[int, typer.Option("--step", "-t", min=1, help="sDPO step t (1-based).")]
 # A flag takes no value: metavar="" keeps typer from showing one (`--force <bool>`) in --help
 ForceOpt = Annotated[bool, typer.Option("--force", metavar="", help="Redo the stage even if it is finished.")]
 JsonOpt = Annotated[bool, typer.Option("--json", metavar="", help="Print JSON to stdout instead of a table.")]
+RedoStaleOpt = Annotated[bool, typer.Option(
+    "--redo-stale", metavar="", help="Redo every stage whose artifact is stale (made from another config or other "
+                                     "inputs), and so every stage after it; finished current stages are kept.")]
 
 
 def _print_version(value: bool) -> None:
@@ -86,11 +93,15 @@ def _app(version: Annotated[bool, typer.Option(
 
 def _config(config: Path, overrides: list[str] | None):
     """The command's config (mistakes are reported before torch is imported) and its run context, built once here and
-    passed down to the stage."""
-    from sdpo_cli.config import load_config
+    passed down to the stage. CONFIG is a YAML file or a run directory: the config recorded there, with run_dir = that
+    directory (config.load_config). The context keeps CONFIG and the overrides as given, for the commands that hints
+    name (RunContext.command)."""
+    from sdpo_cli.config import config_file, load_config
     from sdpo_cli.runtime import apply_runtime  # runtime.threads, set once before any torch work
 
-    return apply_runtime(load_config(config, overrides)), RunContext.from_env(config_path=str(config))
+    cfg = apply_runtime(load_config(config, overrides))
+    return cfg, RunContext.from_env(config_path=str(config_file(config)),
+                                    command_line=[str(config), *(overrides or [])])
 
 
 class _CtrlC(Exception):
@@ -197,20 +208,102 @@ def train(config: ConfigArg, step: StepOpt, overrides: Overrides = None, force: 
     ctx.out.print(str(out))
 
 
+ModelOpt = Annotated[Optional[str], typer.Option(
+    "--model", "-m", help="Without CONFIG: the SFT model to start from (hub id or folder).", show_default=False)]
+DataOpt = Annotated[Optional[List[str]], typer.Option(
+    "--data", "-d", help="Without CONFIG: preference data (file, folder or hub id[:SPLIT]); repeat it: one sDPO step "
+                         "per --data, in order.", show_default=False)]
+RunDirOpt = Annotated[Optional[str], typer.Option(
+    "--run-dir", help="Without CONFIG: the run directory (default: runs/<model name>-sdpo).", show_default=False)]
+
+
+def _run_config(config: Path | None, overrides: list[str] | None, model: str | None, data: list[str] | None,
+                run_dir: str | None):
+    """`sdpo run`'s config, context, and whether it was started without CONFIG: CONFIG [key=value ...] as every
+    command's, or without CONFIG the one that --model / --data / --run-dir describe (config.start_config: the same
+    schema, defaults, overrides and checks). Such a run's config file is RUN_DIR/config.yaml, which it writes before
+    the first stage: its hints name that file (the overrides are in it)."""
+    if config is not None and "=" in str(config) and not config.exists():
+        overrides, config = [str(config), *(overrides or [])], None  # typer took the first override for CONFIG
+    given = [flag for flag, value in (("--model", model), ("--data", data), ("--run-dir", run_dir)) if value]
+    if config is not None:
+        if given:
+            from sdpo_cli.errors import ConfigError
+
+            raise ConfigError(f"{' and '.join(given)}: only for a start without CONFIG; {config} names the model, "
+                              "the data and the run directory",
+                              hint=f"sdpo run {config} model.base=MODEL run_dir=DIR  # overrides of the config's keys, "
+                                   "or drop CONFIG: sdpo run --model MODEL --data FILE --run-dir DIR")
+        return (*_config(config, overrides), False)
+    if not model or not data:
+        from sdpo_cli.errors import ConfigError
+
+        example = f"sdpo run --model {model or 'MODEL'} --data {(data or ['FILE'])[0]} [--data FILE ...]"
+        missing = " and ".join(flag for flag, value in (("--model", model), ("--data", data)) if not value)
+        raise ConfigError(f"sdpo run without CONFIG needs {missing}" if given else
+                          "sdpo run needs a CONFIG, or --model and --data",
+                          hint=f"{example} [--run-dir DIR]  # one sDPO step per --data; or sdpo init > my.yaml, "
+                               "edit it, then sdpo run my.yaml")
+    from sdpo_cli.config import start_config
+    from sdpo_cli.runtime import apply_runtime
+
+    cfg = apply_runtime(start_config(model, data, run_dir, overrides))
+    recorded = Path(cfg.run_dir) / "config.yaml"
+    shown = os.path.relpath(recorded) if recorded.is_relative_to(Path.cwd()) else str(recorded)
+    return cfg, RunContext.from_env(config_path=shown, command_line=[shown]), True
+
+
+def _record_first(cfg, ctx: RunContext, started: bool) -> None:
+    """config.yaml before the first stage, in a run directory that has none yet, so that a first run that stops early
+    (an error, Ctrl-C) leaves the config it was started with for later commands (status, a rerun, gamma); _record
+    replaces it when the run succeeds. A run `started` without CONFIG always writes it: it is that run's config file
+    (a changed --data or override then shows in `sdpo status` as the stale stages it makes)."""
+    if ctx.is_main and (started or not (Path(cfg.run_dir) / "config.yaml").exists()):
+        _record(cfg, ctx)
+
+
 @app.command(cls=_Command)
 @_interruptible
-def run(config: ConfigArg, overrides: Overrides = None, force: ForceOpt = False) -> None:
+def run(config: Annotated[Optional[Path], typer.Argument(
+            help="YAML config file (see configs/); omit it to start from --model and --data.", show_default=False)]
+        = None,
+        overrides: Overrides = None, force: ForceOpt = False, model: ModelOpt = None, data: DataOpt = None,
+        run_dir: RunDirOpt = None, redo_stale: RedoStaleOpt = False) -> None:
     """Run every stage of every step (split, then reflogp + train per step), skipping finished stages.
 
     Example: sdpo run configs/fixtures.yaml run_dir=runs/demo
+
+    Without a YAML file (one sDPO step per --data, in order; the config is written to RUN_DIR/config.yaml):
+    sdpo run --model MODEL --data d1.jsonl --data d2.jsonl --run-dir runs/mine [key=value ...]
     """
-    cfg, ctx = _config(config, overrides)
+    cfg, ctx, started = _run_config(config, overrides, model, data, run_dir)
     with _run_dir(cfg, ctx):
         from sdpo_cli.pipeline import run_all
 
-        out = run_all(cfg, force=force, ctx=ctx)
+        _record_first(cfg, ctx, started)
+        out = run_all(cfg, force=force, redo_stale=redo_stale, ctx=ctx)
         _record(cfg, ctx)
     ctx.out.print(str(out))
+
+
+@app.command(cls=_Command)
+def init(
+    model: Annotated[Optional[str], typer.Option(
+        "--model", "-m", help="model.base: the SFT model (hub id or folder).", show_default=False)] = None,
+    data: Annotated[Optional[List[str]], typer.Option(
+        "--data", "-d", help="data.sources: a file, folder or hub id[:SPLIT]; repeat it: one sDPO step per --data, "
+                             "in order.", show_default=False)] = None,
+    run_dir: Annotated[Optional[str], typer.Option(
+        "--run-dir", help="run_dir (default: runs/<model name>-sdpo).", show_default=False)] = None,
+) -> None:
+    """Print a commented YAML config for your own data: every key you are likely to touch, with its default, and an
+    example row of each data format. --model / --data / --run-dir fill those in.
+
+    Example: sdpo init --model my-org/my-sft-model --data d1.jsonl --data d2.jsonl > my.yaml && sdpo run my.yaml
+    """
+    from sdpo_cli.init import init_yaml
+
+    typer.echo(init_yaml(model, data, run_dir), nl=False)
 
 
 @app.command(cls=_Command)
@@ -221,7 +314,8 @@ def gamma(
     checkpoint: Annotated[Optional[List[str]], typer.Option(
         "--checkpoint", "-c", help="base | step-N | PATH; repeat for several (default: base and every step).")] = None,
     data: Annotated[Optional[str], typer.Option(
-        "--data", "-d", help="step-N | eval | a data file (default: the last step's data).")] = None,
+        "--data", "-d", help="step-N | eval-step-N (held out of step N) | eval | a data file (default: the last "
+                             "step's data).")] = None,
     as_json: JsonOpt = False,
     plot: Annotated[Optional[Path], typer.Option("--plot", help="Draw mean γ per checkpoint to this PNG.")] = None,
 ) -> None:
@@ -246,9 +340,12 @@ def gamma(
     table = Table(title=f"γ on {results[0]['data']}" if results else "γ", title_justify="left")
     for col in ("checkpoint", "n", "mean", "std", "median", "γ > 0"):
         table.add_column(col, justify="left" if col == "checkpoint" else "right")
-    for r in results:
-        table.add_row(r["checkpoint"], str(r["n"]), f"{r['mean']:.4f}", f"{r['std']:.4f}", f"{r['median']:.4f}",
-                      f"{r['frac_positive']:.3f}")
+    for r in results:  # a stale checkpoint (gamma.staleness, warned about on stderr) is marked, never mixed in silently
+        table.add_row(r["checkpoint"] + (" (stale)" if r.get("stale") else ""), str(r["n"]), f"{r['mean']:.4f}",
+                      f"{r['std']:.4f}", f"{r['median']:.4f}", f"{r['frac_positive']:.3f}")
+    if any(r.get("stale") for r in results):
+        table.caption = "(stale): not what this config gives; see the warning on stderr"
+        table.caption_justify = "left"
     ctx.out.print(table)
 
 
@@ -286,6 +383,27 @@ def evaluate(
         ctx.out.print(json.dumps(report, indent=2), markup=False, highlight=False)
         return
     ctx.out.print(eval_table(report))
+
+
+@app.command(cls=_Command)
+@_interruptible
+def status(config: ConfigArg, overrides: Overrides = None, as_json: JsonOpt = False) -> None:
+    """Every stage of every step: finished, stale (and why), missing or running; and the command that brings the run
+    up to date. Reads only: takes no lock, writes nothing, loads no model (the tokenizer only).
+
+    Example: sdpo status configs/fixtures.yaml run_dir=runs/fixtures dpo.beta=0.2
+
+    On a run directory (the config it recorded): sdpo status runs/fixtures
+    """
+    cfg, ctx = _config(config, overrides)
+    from sdpo_cli.status import run_status, status_lines
+
+    report = run_status(cfg, ctx=ctx)
+    if as_json:
+        ctx.out.print(json.dumps(report, indent=2, ensure_ascii=False), markup=False, highlight=False)
+        return
+    for line in status_lines(report):
+        ctx.out.print(line)
 
 
 def main() -> None:

@@ -162,6 +162,9 @@ class SplitConfig:
     strategy: Strategy = Strategy.natural
     steps: Optional[List[List[str]]] = None  # natural: source names per step; default one step per source
     fractions: Optional[List[float]] = None  # stratified | random | curriculum: share of pairs per step
+    # share of each D_t held out (seeded) as data/eval-step-t: the pairs train's eval/* metrics are computed on;
+    # 0: none (data.eval, if set, is the held-out set of every step instead)
+    eval_fraction: float = 0.0
 
 
 @dataclass
@@ -196,6 +199,9 @@ class TrainConfig:
     compile: bool = False  # torch.compile each transformer block (regional, dynamic shapes); pays off on GPUs
     group_by_length: bool = True  # batches of similar length (shuffled within mega-batches), less padding
     logging_every: int = 10  # updates between metric lines; update 0 is always logged
+    # updates between held-out evaluations (eval/* records); 0: only before the first update and at the step's end.
+    # Held-out pairs: split.eval_fraction of each D_t, or data.eval; without either, no eval/* records
+    eval_every: int = 0
     report_to: List[str] = field(default_factory=list)  # accelerate trackers: tensorboard | wandb
     save_optimizer: bool = False  # keep optimizer state next to M_t (large)
     save_every: int = 500  # updates between resumable states of a step (checkpoints/.step-t.state); 0 = never
@@ -281,10 +287,37 @@ def report(where: str, problems: List[Problem]) -> ConfigError:
 
 def load_config(path: Path | str, overrides: list[str] | None = None) -> SdpoConfig:
     """Merge defaults, the YAML file and dotlist overrides; validate; return a typed `SdpoConfig` with plain str values.
-    Every problem found is reported in one ConfigError (exit code 2)."""
-    path, where = Path(path), str(path)
+    Every problem found is reported in one ConfigError (exit code 2).
+
+    `path` may also be a run directory: its recorded config (config.yaml, which every stage writes) with `run_dir`
+    set to that directory, so that a copied or moved run works; the overrides still apply (a `run_dir=` one too)."""
+    run_dir = Path(path).expanduser() if Path(path).expanduser().is_dir() else None
+    path = config_file(path)
     file_cfg = _read(path)
     _resolve_paths(file_cfg, path.resolve().parent)
+    if run_dir is not None:
+        file_cfg.run_dir = str(run_dir.resolve())
+    return _validated(file_cfg, str(path), overrides)
+
+
+RECORDED = "config.yaml"  # the resolved config a run directory records (cli._record)
+
+
+def config_file(path: Path | str) -> Path:
+    """The YAML file a CONFIG argument names: the file itself, or a run directory's recorded config.yaml."""
+    path = Path(path)
+    if not path.expanduser().is_dir():
+        return path
+    if (path.expanduser() / RECORDED).is_file():
+        return path / RECORDED
+    raise ConfigError(f"{path}: a folder without {RECORDED}: neither a config file nor a run directory of sdpo",
+                      hint=f"give the YAML config, or a run directory where an sdpo command has written {RECORDED} "
+                           "(e.g. sdpo status runs/x)")
+
+
+def _validated(file_cfg: DictConfig, where: str, overrides: list[str] | None) -> SdpoConfig:
+    """`file_cfg` (a YAML file's keys, or the ones `start_config` builds, its paths already resolved) merged over the
+    defaults, then `overrides`; every problem reported at once, against `where`."""
     for item in overrides or []:  # a malformed command line, before anything else
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not key=value", hint="e.g. sdpo run CONFIG dpo.beta=0.2")
@@ -318,6 +351,75 @@ def load_config(path: Path | str, overrides: list[str] | None = None) -> SdpoCon
         raise report(where, problems)
     obj.run_dir = str(Path(obj.run_dir).expanduser().resolve())  # relative to the working directory
     return obj
+
+
+# A start without a YAML file: sdpo run --model MODEL --data FILE_OR_ID [--data ...] [--run-dir DIR] [key=value ...]
+
+COMMAND_LINE = "command line"  # where the problems of a config built from --model / --data are said to be
+DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")  # the single-file sources (data/formats.py FILE_BUILDERS)
+
+
+def start_config(model: str, data: List[str], run_dir: Optional[str] = None,
+                 overrides: list[str] | None = None) -> SdpoConfig:
+    """The config of `sdpo run --model MODEL --data A --data B [--run-dir DIR] [key=value ...]`: what a YAML file with
+    these keys would give (model.base; one source per --data, in order, so that the natural split makes each one a
+    step; run_dir, by default runs/<model name>-sdpo), every other key at its default, then the same overrides and
+    checks as load_config. Paths are relative to the working directory."""
+    node = OmegaConf.create({"run_dir": run_dir or default_run_dir(model), "model": {"base": model},
+                             "data": {"sources": start_sources(data)}})
+    _resolve_paths(node, Path.cwd())
+    return _validated(node, COMMAND_LINE, overrides)
+
+
+def default_run_dir(model: str) -> str:
+    """runs/<model name>-sdpo, for a start without --run-dir: runs/stories260K-sdpo, runs/SOLAR-10.7B-v1.0-sdpo."""
+    return f"runs/{_last_part(model) or 'model'}-sdpo"
+
+
+def start_sources(data: List[str]) -> List[Dict[str, str]]:
+    """One {name, path[, split]} per --data value, in order. `PATH_OR_ID:SPLIT` names a split of a hub id or a dataset
+    folder (when the whole value is no existing path). Names come from the file stems or the ids' last parts (see
+    `source_name`); a name already taken gets -2, -3, ...: a/x.jsonl, b/x.jsonl -> x, x-2."""
+    sources: List[Dict[str, str]] = []
+    taken: set[str] = set()
+    for value in data:
+        path, split = _path_and_split(value)
+        name = stem = source_name(path)
+        n = 2
+        while name in taken:
+            name, n = f"{stem}-{n}", n + 1
+        taken.add(name)
+        sources.append({"name": name, "path": path, **({"split": split} if split else {})})
+    return sources
+
+
+def source_name(path: str) -> str:
+    """A source's name from its path or hub id: the file's stem without its data suffix (orca_dpo_pairs.sample.jsonl
+    -> orca_dpo_pairs.sample), a folder's name, an id's last part (Intel/orca_dpo_pairs -> orca_dpo_pairs); characters
+    other than letters, digits, `_`, `.` and `-` become `_`."""
+    name = _last_part(path)
+    for suffix in DATA_SUFFIXES:
+        if name.lower().endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    return re.sub(r"[^\w.-]+", "_", name).strip("_.-") or "data"
+
+
+def _last_part(value: str) -> str:
+    """The last component of a path or hub id ('.' and '..' resolved: the folder's own name)."""
+    parts = [p for p in re.split(r"[/\\]", value.strip()) if p]
+    if parts and parts[-1] not in (".", ".."):
+        return parts[-1]
+    return Path(value).expanduser().resolve().name
+
+
+def _path_and_split(value: str) -> tuple[str, Optional[str]]:
+    """'HuggingFaceH4/ultrafeedback_binarized:train_prefs' -> (the id, 'train_prefs'); a value that exists as a path,
+    or whose part after the last ':' holds a '/', is a path alone."""
+    path, sep, split = value.rpartition(":")
+    if sep and path and split and not re.search(r"[/\\]", split) and not Path(value).expanduser().exists():
+        return path, split
+    return value, None
 
 
 def _read(path: Path) -> DictConfig:
@@ -670,7 +772,7 @@ def _split_problems(cfg: SdpoConfig) -> List[Problem]:
         if split.fractions is not None:
             problems.append(Problem("split.fractions", "not used by strategy 'natural'",
                                     "remove it, or pick split.strategy=random"))
-        return problems
+        return problems + _eval_fraction_problems(cfg)
     fractions, strategy = split.fractions, str(split.strategy)
     if not fractions:
         problems.append(Problem("split.fractions", f"strategy {strategy!r} needs fractions",
@@ -681,7 +783,17 @@ def _split_problems(cfg: SdpoConfig) -> List[Problem]:
     if split.steps is not None:
         problems.append(Problem("split.steps", f"only used by strategy 'natural', not {strategy!r}",
                                 "remove split.steps"))
-    return problems
+    return problems + _eval_fraction_problems(cfg)
+
+
+def _eval_fraction_problems(cfg: SdpoConfig) -> List[Problem]:
+    fraction = cfg.split.eval_fraction
+    if not 0 <= fraction < 1:
+        return [Problem("split.eval_fraction", f"{fraction} must be in [0, 1)", "e.g. split.eval_fraction=0.05")]
+    if fraction and cfg.data.eval:
+        return [Problem("split.eval_fraction", "and data.eval both name held-out pairs",
+                        "keep one: data.eval (the same pairs for every step) or split.eval_fraction (per step)")]
+    return []
 
 
 def _dpo_problems(cfg: SdpoConfig) -> List[Problem]:
@@ -697,6 +809,9 @@ def _dpo_problems(cfg: SdpoConfig) -> List[Problem]:
 
 def _train_problems(cfg: SdpoConfig) -> List[Problem]:
     train, problems = cfg.train, []
+    if train.eval_every < 0:
+        problems.append(Problem("train.eval_every", "must be 0 (start and end only) or positive",
+                                "e.g. train.eval_every=50"))
     for key in ("per_device_batch_size", "gradient_accumulation", "logging_every"):
         if getattr(train, key) < 1:
             problems.append(Problem(f"train.{key}", "must be at least 1", f"e.g. train.{key}=1"))

@@ -122,8 +122,10 @@ class Evaluator:
     def _load_tasks(self):
         """lm-eval's task loader and a column per loaded task or group, in the order of the specs."""
         parsed = resolve_specs(self.specs)
+        parsed, include = self._include_paths(parsed)
         folders = [target for _, target, _ in parsed if isinstance(target, Path) and target.is_dir()]
-        defaults = any(isinstance(target, str) for _, target, _ in parsed)
+        folders += [f for f in include.values() if f not in folders]
+        defaults = any(isinstance(target, str) and target not in include for _, target, _ in parsed)
         started = time.time()
         loader = self.harness.TaskLoader(folders, defaults=defaults)
         if defaults:
@@ -147,6 +149,32 @@ class Evaluator:
                                   hint="list each task once")
             seen[t.name] = t.spec
         return loader, tasks
+
+    def _include_paths(self, parsed):
+        """The task YAML files and folders listed in eval.tasks (and in the specs) are include paths, as lm-eval's
+        `--include_path` makes them: a name that one of them defines means that task (before lm-eval's bundled ones,
+        as include_path overrides them), so `eval.tasks=[my/pets.yaml]` then `--tasks pets_task` scores the task of
+        my/pets.yaml. A name defined in a file becomes that file (loaded by path, as the path itself would be);
+        returns (the specs so resolved, {name: folder} for the names defined in a folder, which the task index
+        must then include)."""
+        if not any(isinstance(target, str) for _, target, _ in parsed):
+            return parsed, {}
+        listed = [target for _, target, _ in parsed if isinstance(target, Path)]
+        for spec in self.cfg.eval.tasks if isinstance(self.cfg.eval.tasks, (list, tuple)) else []:
+            task, _ = split_task_spec(str(spec))
+            path = Path(task).expanduser().resolve()
+            if is_task_path(task) and path.exists() and path not in listed:
+                listed.append(path)  # one that does not exist is reported when it is itself evaluated
+        defined = self.harness.defined_names([p for p in listed if p.is_file()], [p for p in listed if p.is_dir()])
+        resolved, in_folders = [], {}
+        for spec, target, shots in parsed:
+            where = defined.get(target) if isinstance(target, str) else None
+            if where is not None and where.is_file():
+                target = where
+            elif where is not None:
+                in_folders[target] = where
+            resolved.append((spec, target, shots))
+        return resolved, in_folders
 
     # ---------------------------------------------------------------------------------------------- scoring
 

@@ -5,6 +5,7 @@ install command.
 
     TaskLoader   lm-eval's TaskManager over its bundled tasks (when a registered name is asked for) and the task
                  folders given: loads names, task YAML files and whole folders, datasets included, as LoadedTask
+    defined_names  the names that task YAML files and folders define (eval.tasks' paths, as --include_path)
     CountingLM   lm-eval's HFLM around a model already loaded, counting the prompts longer than the model's context
     run_task     one lm_eval.evaluate call for one task or group with its shots, prepared as simple_evaluate does
     quiet        lm-eval's log lines (and, off a terminal, the one progress bar it draws without a switch) silenced
@@ -31,6 +32,7 @@ from typing import Any, Iterator
 import lm_eval.evaluator  # first: it fails when lm-eval is missing, even if some of its modules were imported
 import numpy as np
 import torch
+import yaml
 from lm_eval.api.group import Group
 from lm_eval.defaults import DEFAULT_OTHER_SEED, DEFAULT_RANDOM_SEED
 from lm_eval.models.huggingface import HFLM
@@ -130,7 +132,8 @@ class TaskLoader:
                 return self.manager.load([name])
         except KeyError:
             raise ConfigError(f"{what}: lm-eval {VERSION} has no task, group or tag of that name",
-                              hint="check the name (lm-eval ls tasks), or give a task YAML path") from None
+                              hint="check the name (lm-eval ls tasks); a task of your own: give its YAML file or "
+                                   "folder, or list it in eval.tasks and name it") from None
         except (ConnectionError, FileNotFoundError) as e:
             raise DataError(f"{what}: its dataset cannot be loaded ({first_line(e)})", hint=offline_hint()) from None
         except (ValueError, TypeError, OSError) as e:
@@ -145,6 +148,50 @@ def folder_names(folder: Path) -> tuple[list[str], list[str]]:
         index = TaskManager(include_path=[str(folder)], include_defaults=False)
     groups, tasks = set(index.all_groups), set(index.all_subtasks)
     return [n for n in index.task_index if n in groups], [n for n in index.task_index if n in tasks]
+
+
+def defined_names(files: list[Path], folders: list[Path]) -> dict[str, Path]:
+    """The task, group and tag names that task YAML files and folders define, each -> the file or folder: what
+    lm-eval's `--include_path` makes addressable by name. A folder is indexed as include_path indexes it; a file
+    (which include_path does not index) by the name its YAML gives (`defined_name`). The first path that defines a
+    name wins; a path that cannot be read defines nothing (it is checked when it is itself evaluated)."""
+    names: dict[str, Path] = {}
+    for path in files:
+        name = defined_name(path)
+        if name is not None:
+            names.setdefault(name, path)
+    for folder in folders:
+        with quiet():
+            index = TaskManager(include_path=[str(folder)], include_defaults=False)
+        for name in index.all_tasks:
+            names.setdefault(name, folder)
+    return names
+
+
+class _TaskYaml(yaml.SafeLoader):
+    """A task YAML read for its name only: lm-eval's tags (`!function utils.process_docs`) are left unresolved."""
+
+
+_TaskYaml.add_multi_constructor("!", lambda loader, suffix, node: None)
+
+
+def defined_name(path: Path, seen: tuple[Path, ...] = ()) -> str | None:
+    """The name a task YAML file defines: a group's `group:`, else its `task:`; from the file it `include:`s (a path
+    relative to it, as lm-eval resolves it) when it sets neither. None when it is not a task YAML."""
+    try:
+        spec = yaml.load(path.read_text(), Loader=_TaskYaml)  # a SafeLoader
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return None
+    if not isinstance(spec, dict):
+        return None
+    for key in ("group", "task"):  # a group's `task:` is the list of its tasks
+        if isinstance(spec.get(key), str):
+            return spec[key]
+    include = spec.get("include")
+    if isinstance(include, str) and path not in seen:
+        target = Path(include).expanduser()
+        return defined_name((target if target.is_absolute() else path.parent / target).resolve(), (*seen, path))
+    return None
 
 
 def offline_hint() -> str:

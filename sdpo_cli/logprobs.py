@@ -152,19 +152,49 @@ def completion_logps(model, batch: PairBatch) -> tuple[torch.Tensor, torch.Tenso
     Works for either layout; the decoder always gets use_cache=False (a cache would also switch off transformers'
     own mask handling) and, for the prefix layout, explicit position ids and a 4D mask.
     """
+    sums = _segment_sums(token_logps(model, batch), batch)
+    return sums[0::2], sums[1::2]
+
+
+def completion_logps_shared(model, batch: PairBatch) -> tuple[torch.Tensor, ...]:
+    """(chosen, rejected, chosen_shared, rejected_shared) (B,) each: the sums of `completion_logps`, and the sums over
+    the first min(C, R) tokens of each completion only (the length both replies share; LD-DPO weights the rest by
+    dpo.ld_alpha), from one forward pass."""
+    logps = token_logps(model, batch)
+    sums, shared = _segment_sums(logps, batch), _segment_sums(logps * shared_mask(batch), batch)
+    return sums[0::2], sums[1::2], shared[0::2], shared[1::2]
+
+
+def shared_mask(batch: PairBatch) -> torch.Tensor:
+    """(K,) 1.0 for the scored tokens among the first min(C, R) tokens of their completion, else 0.0. Every layout
+    lists a completion's tokens together and in order (collate.py), so a token's place in its completion is its index
+    minus the first index of its segment."""
+    segment = batch.segment
+    index = torch.arange(segment.shape[0], device=segment.device)
+    first = torch.full((2 * batch.n_pairs,), segment.shape[0], dtype=torch.long, device=segment.device)
+    first = first.scatter_reduce(0, segment, index, reduce="amin")
+    shared = torch.minimum(batch.chosen_tokens, batch.rejected_tokens).to(segment.device)
+    return ((index - first[segment]) < shared[segment // 2]).float()
+
+
+def token_logps(model, batch: PairBatch) -> torch.Tensor:
+    """(K,) log p(token | everything before it) of every scored completion token (batch.targets), float32."""
     head = _plain_head(model)
     inputs = _attention_inputs(model, batch)
     if head is not None:
         hidden = model.get_decoder()(input_ids=batch.input_ids, use_cache=False, **inputs).last_hidden_state
         selected = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch.score_index)
-        token_logps = chunked_token_logps(selected, head.weight, batch.targets)
-    else:  # exotic heads: full logits through the model's own forward (correct, not lean)
-        logits = model(input_ids=batch.input_ids, use_cache=False, **inputs).logits
-        selected = logits.reshape(-1, logits.shape[-1]).index_select(0, batch.score_index).float()
-        token_logps = selected.gather(-1, batch.targets[:, None]).squeeze(-1) - torch.logsumexp(selected, dim=-1)
-    sums = torch.zeros(2 * batch.n_pairs, dtype=torch.float32, device=token_logps.device)
-    sums = sums.index_add(0, batch.segment, token_logps)
-    return sums[0::2], sums[1::2]
+        return chunked_token_logps(selected, head.weight, batch.targets)
+    # exotic heads: full logits through the model's own forward (correct, not lean)
+    logits = model(input_ids=batch.input_ids, use_cache=False, **inputs).logits
+    selected = logits.reshape(-1, logits.shape[-1]).index_select(0, batch.score_index).float()
+    return selected.gather(-1, batch.targets[:, None]).squeeze(-1) - torch.logsumexp(selected, dim=-1)
+
+
+def _segment_sums(values: torch.Tensor, batch: PairBatch) -> torch.Tensor:
+    """(2B,) per-token values summed per completion: [chosen_1, rejected_1, chosen_2, ...]."""
+    sums = torch.zeros(2 * batch.n_pairs, dtype=torch.float32, device=values.device)
+    return sums.index_add(0, batch.segment, values)
 
 
 class PairLogps(torch.nn.Module):

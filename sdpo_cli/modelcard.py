@@ -132,7 +132,20 @@ def _curve(meta: dict, ref_meta: dict) -> str:
     return ("## Training\n\nUpdates are numbered from 0; the full log is `logs/train-step-"
             f"{meta['step']}.jsonl` in the run directory.\n\n"
             "| record | update | loss | margin (rewards/margins) |\n|---|---|---|---|\n" + "\n".join(rows) + "\n"
-            + gamma_line)
+            + gamma_line + _held_out(meta))
+
+
+def _held_out(meta: dict) -> str:
+    """The eval/* metrics on the step's held-out pairs before the first update and at the end, if it had any."""
+    if "eval" not in meta:
+        return ""
+    rows = [f"| {label} | {r['update']} | {r['eval/loss']:.4f} | {r['eval/rewards/margins']:.4f} | "
+            f"{r['eval/rewards/accuracies']:.3f} | {r['eval/gamma/policy']:.4f} |"
+            for label, r in (("before training", meta["eval_first"]), ("after training", meta["eval"]))]
+    return (f"\n### Held-out pairs\n\n{meta['eval']['eval/pairs']} pairs not trained on, scored with this step's "
+            "reference log-probs (eval/* in the log; γ = mean log π(chosen) − log π(rejected) under the model):\n\n"
+            "| when | updates done | loss | margin | accuracy | γ |\n|---|---|---|---|---|---|\n"
+            + "\n".join(rows) + "\n")
 
 
 def _usage(step: int, published: Path) -> str:

@@ -415,6 +415,21 @@ def quiet_bitsandbytes():
         logger.setLevel(level)
 
 
+class _DropKernelsNotice(logging.Filter):
+    """bitsandbytes' CPU backend, on import on a CPU with AVX512-BF16, warns that the optional `kernels` package (a
+    faster 4-bit matmul) is missing. peft imports bitsandbytes whenever it is installed, and transformers imports
+    peft for things as unrelated as `get_scheduler` (transformers.trainer_utils), so every full fine-tune printed
+    it. Only that notice is dropped; every other bitsandbytes message (QLoRA's included) still comes through."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Failed to load CPU gemm_4bit_forward from kernels-community")
+
+
+# on the logger that emits it (bitsandbytes/backends/cpu/ops.py), before anything can import bitsandbytes: every
+# sdpo stage imports this module first
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_DropKernelsNotice())
+
+
 class _DropInt8CastNotice(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         return not str(record.msg).startswith("MatMul8bitLt: inputs will be cast")

@@ -10,8 +10,13 @@ are reused, so base and earlier steps are scored once. reports/eval.json then ho
 
 Each stage decides for itself whether it is finished (meta.json present and its fingerprint current), so a rerun
 after a crash or Ctrl-C picks up at the first unfinished stage, and a changed config stops with the stage it makes
-stale instead of mixing artifacts of two configurations. A finished artifact with a missing file, or one whose size
-differs from its meta.json, stops the run with the command that writes it again.
+stale instead of mixing artifacts of two configurations. With --redo-stale a stale stage is redone instead
+(status.stale_reasons), and so is every stage after it whose inputs that changes: a fingerprint includes those of the
+artifacts it is computed from (the step's data and reference log-probs, M_{t-1}), so when the stages run in order
+each one downstream of a redone stage is stale by the time its turn comes. --force redoes every stage.
+
+A finished artifact with a missing file, or one whose size differs from its meta.json, stops the run with the
+command that writes it again.
 """
 
 from __future__ import annotations
@@ -28,20 +33,21 @@ from sdpo_cli.split import run_split
 from sdpo_cli.train import check_trackers, run_train
 
 
-def run_all(cfg: SdpoConfig, *, force: bool = False, ctx: RunContext | None = None) -> Path:
+def run_all(cfg: SdpoConfig, *, force: bool = False, redo_stale: bool = False, ctx: RunContext | None = None) -> Path:
     ctx = ctx or RunContext.from_env()
     run = RunDir(cfg.run_dir)
     steps = num_steps(cfg)
+    redo = _Redo(cfg, run, ctx, force=force, stale=redo_stale)
     check_trackers(cfg.train.report_to, ctx)  # a tracker that is not installed stops the run before the split
     evaluator = _evaluator(cfg, ctx)
     # every artifact a stage returns (finished before or just written) has all its files, at their recorded sizes:
     # stat calls only. A stage that reads an artifact verifies its content itself (sdpo_cli/integrity.py).
-    for path in run_split(cfg, force=force, ctx=ctx):
+    for path in run_split(cfg, force=redo("split"), ctx=ctx):
         integrity.check_sizes(path)
     for t in range(1, steps + 1):
         ctx.info(f"[bold]sDPO step {t}/{steps}[/]")
-        integrity.check_sizes(run_reflogp(cfg, t, force=force, ctx=ctx))
-        integrity.check_sizes(run_train(cfg, t, force=force, ctx=ctx))
+        integrity.check_sizes(run_reflogp(cfg, t, force=redo("reflogp", t), ctx=ctx))
+        integrity.check_sizes(run_train(cfg, t, force=redo("train", t), ctx=ctx))
         if evaluator is not None:
             from sdpo_cli.evaluate import eval_table
             from sdpo_cli.models import named_model
@@ -53,6 +59,28 @@ def run_all(cfg: SdpoConfig, *, force: bool = False, ctx: RunContext | None = No
     if curves and ctx.is_main:
         plot_losses(curves, run.reports / "loss.png")
     return run.checkpoint(steps)
+
+
+class _Redo:
+    """Whether `run` redoes a stage: every one with --force; with --redo-stale, one whose finished artifact is stale,
+    judged just before its turn (status.stale_reasons), so that a stage after a redone one is judged on the redone
+    artifact."""
+
+    def __init__(self, cfg: SdpoConfig, run: RunDir, ctx: RunContext, *, force: bool, stale: bool):
+        self.cfg, self.run, self.ctx, self.force, self.stale = cfg, run, ctx, force, stale
+
+    def __call__(self, stage: str, step: int | None = None) -> bool:
+        if self.force or not self.stale:
+            return self.force
+        from sdpo_cli.status import stale_reasons
+
+        reasons = stale_reasons(self.cfg, self.run, self.ctx.tokenizer(self.cfg.model), stage, step)
+        if reasons:
+            from rich.markup import escape
+
+            self.ctx.info(f"{stage}{f' step {step}' if step else ''}: stale, redoing it (--redo-stale): "
+                          + escape("; ".join(reasons)))
+        return bool(reasons)
 
 
 def _evaluator(cfg: SdpoConfig, ctx: RunContext):

@@ -19,58 +19,77 @@ from sdpo_cli.config import SdpoConfig
 from sdpo_cli.context import RunContext
 from sdpo_cli.distributed import make_accelerator
 from sdpo_cli.errors import SdpoError
-from sdpo_cli.fingerprints import reflogp_fp, require_data, require_step
+from sdpo_cli.fingerprints import data_fp, logps_fp, reflogp_fp, require_data, require_step
 from sdpo_cli.models import check_base, disable_dropout, load_model, model_identity, reference_model, tokenizer_identity
 from sdpo_cli.rundir import RunDir, check_not_stale, writing
 from sdpo_cli.scoring import score_pairs_sharded
+from sdpo_cli.split import held_out_key
 
 
 def run_reflogp(cfg: SdpoConfig, step: int, *, force: bool = False, ctx: RunContext | None = None) -> Path:
-    import datasets
-
+    """reflogp/step-t (D_t) and, where the step has held-out pairs, reflogp/eval-step-t (the pairs train's eval/*
+    metrics are computed on), both under the step's reference, loaded once."""
     ctx = ctx or RunContext.from_env()
     started = time.time()
     run = RunDir(cfg.run_dir)
     require_step(cfg, step)
     check_base(cfg.model)
     tok = ctx.tokenizer(cfg.model)
-    data_path = require_data(cfg, run, step, tok)
-    out = run.reflogp(step)
-    fp = reflogp_fp(cfg, run, step)
-    if not force and check_not_stale(out, fp, f"sdpo reflogp CONFIG --step {step}"):
-        ctx.info(f"reflogp step {step}: finished already ({run.rel(out)}), skipping")
-        return out
-
     reference = reference_model(cfg, run, step)
+    parts = [(require_data(cfg, run, step, tok, ctx), run.reflogp(step), reflogp_fp(cfg, run, step))]
+    key = held_out_key(cfg, step)
+    if key is not None:
+        parts.append((require_data(cfg, run, key, tok, ctx), run.reflogp_held_out(step),
+                      logps_fp(cfg, data_fp(run, key), reference, run)))
+    todo = [(data, out, fp) for data, out, fp in parts
+            if force or not check_not_stale(out, fp, ctx.command("reflogp", "--step", str(step)),
+                                                      ctx.command("run"))]
+    if not todo:
+        ctx.info(f"reflogp step {step}: finished already ({run.rel(parts[0][1])}), skipping")
+        return parts[0][1]
+
     integrity.verify_model(reference)  # M_{t-1} (a checkpoint we wrote): every file, before its tokenizer loads
     if reference != cfg.model.base and tokenizer_identity(ctx.tokenizer(cfg.model, reference)) != \
             tokenizer_identity(tok):
         raise SdpoError(f"{reference}: the reference's tokenizer differs from the base model's",
                         hint="DPO compares log-probs of the same tokens: use a reference with the base's tokenizer")
-    pairs = datasets.load_from_disk(str(data_path))
     accelerator = make_accelerator(ctx, mixed_precision=cfg.train.mixed_precision)
-    ctx.info(f"reflogp step {step}: π_ref = {reference}, {len(pairs)} pairs of {run.rel(data_path)}"
-                 + (f", shared by {accelerator.num_processes} processes" if accelerator.num_processes > 1 else ""))
     model = load_model(cfg.model, reference).to(accelerator.device)
     disable_dropout(model)
     # train's layout, so that update 0 matches exactly
     layout = resolve_layout(cfg.train.layout, model, cfg.data.max_length, warn=ctx.warn)
+    for data_path, out, fp in todo:
+        _score(cfg, step, ctx, accelerator, model, data_path, out,
+               meta={"stage": "reflogp", "step": step, "started": started, "fingerprint": fp, "inputs": fp.inputs,
+                     "reference": reference,
+                     "reference_identity": model_identity(reference), "data": run.rel(data_path), "layout": layout})
+    return parts[0][1]
+
+
+def _score(cfg: SdpoConfig, step: int, ctx: RunContext, accelerator, model, data_path: Path, out: Path,
+           meta: dict) -> None:
+    """Log-probs of one dataset's pairs under the loaded reference, written to `out` with their meta.json."""
+    import datasets
+
+    pairs = datasets.load_from_disk(str(data_path))
+    what = "held-out pairs" if out.name.startswith("eval-") else "pairs"
+    ctx.info(f"reflogp step {step}: π_ref = {meta['reference']}, {len(pairs)} {what} of {meta['data']}"
+             + (f", shared by {accelerator.num_processes} processes" if accelerator.num_processes > 1 else ""))
     with ctx.progress() as bar:
-        chosen, rejected = score_pairs_sharded(accelerator, model, pairs, pad_id=tok.pad_token_id,
-                                               batch_size=cfg.inference.batch_size, progress=bar,
-                                               description=f"reflogp step {step}", layout=layout)
+        chosen, rejected, chosen_shared, rejected_shared = score_pairs_sharded(
+            accelerator, model, pairs, pad_id=ctx.tokenizer(cfg.model).pad_token_id,
+            batch_size=cfg.inference.batch_size, progress=bar, description=f"reflogp step {step}",
+            layout=meta["layout"], shared=True)
     gammas = [c - r for c, r in zip(chosen, rejected)]
-    meta = {"stage": "reflogp", "step": step, "started": started, "fingerprint": fp, "reference": reference,
-            "reference_identity": model_identity(reference), "data": run.rel(data_path), "rows": len(gammas),
-            "layout": layout,
-            "gamma_ref_mean": statistics.fmean(gammas)}
+    meta = meta | {"rows": len(gammas), "gamma_ref_mean": statistics.fmean(gammas)}
     if accelerator.is_main_process:
         table = datasets.Dataset.from_dict({
             "id": pairs["id"], "ref_chosen_logp": chosen, "ref_rejected_logp": rejected, "gamma_ref": gammas,
             "chosen_tokens": [len(c) for c in pairs["chosen_ids"]],
-            "rejected_tokens": [len(r) for r in pairs["rejected_ids"]]})
+            "rejected_tokens": [len(r) for r in pairs["rejected_ids"]],
+            # over the first min(C, R) tokens of each reply, for LD-DPO (dpo.ld_alpha); the rest is the sum minus these
+            "ref_chosen_logp_shared": chosen_shared, "ref_rejected_logp_shared": rejected_shared})
         with writing(out, meta) as tmp:
             table.save_to_disk(str(tmp))
         ctx.info(f"reflogp step {step}: mean γ_ref = {meta['gamma_ref_mean']:.4f} -> {out}")
     accelerator.wait_for_everyone()
-    return out

@@ -5,7 +5,9 @@
       .sdpo-lock                  the run-directory lock (lock.py)
       config.yaml                 resolved config of the last successful split / reflogp / train / run
       data/step-t/  data/eval/    canonical pairs + token ids (datasets.save_to_disk) + meta.json
+      data/eval-step-t/           held-out pairs of step t (split.eval_fraction), or data/eval for every step
       reflogp/step-t/             reference log-probs of D_t under the step's reference + meta.json
+      reflogp/eval-step-t/        reference log-probs of step t's held-out pairs under the same reference
       checkpoints/step-t/         M_t in Hugging Face layout (+ adapter/ with LoRA, optimizer.pt if asked) + meta.json
       checkpoints/.step-t.state/  resumable state of an unfinished step (accelerate's + progress.json); removed when
                                   M_t is written
@@ -76,6 +78,10 @@ class RunDir:
 
     def reflogp(self, step: int) -> Path:
         return self.root / "reflogp" / f"step-{step}"
+
+    def reflogp_held_out(self, step: int) -> Path:
+        """Reference log-probs of step t's held-out pairs under step t's reference (train's eval/* metrics)."""
+        return self.root / "reflogp" / f"eval-step-{step}"
 
     def checkpoint(self, step: int) -> Path:
         return self.root / "checkpoints" / f"step-{step}"
@@ -168,18 +174,27 @@ def read_meta(path: Path) -> dict | None:
         return None
 
 
-def check_not_stale(path: Path, expected_fingerprint: str, command: str) -> bool:
-    """True if the artifact is finished and current, False if absent; raise if it was made from other inputs."""
+def check_not_stale(path: Path, expected_fingerprint: str, command: str, run_command: str | None = None) -> bool:
+    """True if the artifact is finished and current, False if absent; raise if it was made from other inputs, saying
+    what changed (fingerprints.explain: `dpo.beta 0.1 → 0.2`) and how to redo it: `command` is the stage's command
+    line (RunContext.command), `run_command` the run's (to name `--redo-stale`)."""
+    from sdpo_cli.fingerprints import stale_reason
+
     meta = read_meta(path)
     if meta is None:
         return False
     if meta.get("fingerprint") == expected_fingerprint:
         return True
-    raise ArtifactError(
-        f"{path} was computed from another configuration or other inputs "
-        f"(fingerprint {meta.get('fingerprint')}, now {expected_fingerprint})",
-        hint=f"{command} --force  # redo it, or use a new run_dir",
-    )
+    raise ArtifactError(f"{path} is stale: {stale_reason(path, meta, expected_fingerprint)}",
+                        hint=redo_hint(command, run_command))
+
+
+def redo_hint(command: str, run_command: str | None = None) -> str:
+    """The hint of a stale artifact: its stage's command with --force; with the run's command line, also the one
+    command that redoes every stale stage and what follows them (`sdpo run --redo-stale`)."""
+    if run_command is None:
+        return f"{command} --force  # redo it, or use a new run_dir"
+    return f"{command} --force  # redo it; every stale stage and what follows: {run_command} --redo-stale"
 
 
 def environment() -> dict:

@@ -11,6 +11,9 @@ Strategies (split.strategy):
   curriculum  pairs ordered easy -> hard by γ under the base model S (high γ: S already prefers the chosen reply),
               then cut by split.fractions: an easy-to-hard reading of §2.2 beyond the paper's data-source split
 
+Held-out pairs (the eval/* metrics of `train`): split.eval_fraction of each D_t, drawn with the seed, is written as
+data/eval-step-t and left out of data/step-t; or data.eval, written once as data/eval, serves every step.
+
 Token ids are stored next to the text so that reflogp, train and gamma read the very same tokens: no tokenisation
 drift between stages (the ln 2 check at update 0 verifies it).
 """
@@ -32,8 +35,18 @@ from sdpo_cli.errors import DataError
 from sdpo_cli.rundir import RunDir, check_not_stale, read_meta, writing
 
 
+def held_out_key(cfg: SdpoConfig, step: int) -> str | None:
+    """The data/ folder of step t's held-out pairs: `eval-step-t` (split.eval_fraction), `eval` (data.eval), or None."""
+    if cfg.split.eval_fraction:
+        return f"eval-step-{step}"
+    return "eval" if cfg.data.eval else None
+
+
 def data_paths(cfg: SdpoConfig, run: RunDir) -> list[Path]:
-    paths = [run.data(t) for t in range(1, num_steps(cfg) + 1)]
+    steps = range(1, num_steps(cfg) + 1)
+    paths = [run.data(t) for t in steps]
+    if cfg.split.eval_fraction:
+        return paths + [run.data(f"eval-step-{t}") for t in steps]
     return paths + ([run.data("eval")] if cfg.data.eval else [])
 
 
@@ -59,7 +72,7 @@ def _run_split(cfg: SdpoConfig, *, force: bool, ctx: RunContext) -> list[Path]:
     tok = ctx.tokenizer(cfg.model)
     fp = split_fp(cfg, tok)
     paths = data_paths(cfg, run)
-    if not force and all(check_not_stale(p, fp, "sdpo split CONFIG") for p in paths):
+    if not force and all(check_not_stale(p, fp, ctx.command("split"), ctx.command("run")) for p in paths):
         ctx.info(f"split: finished already ({run.rel(paths[0].parent)}), skipping")
         return paths
 
@@ -76,25 +89,28 @@ def _run_split(cfg: SdpoConfig, *, force: bool, ctx: RunContext) -> list[Path]:
     for t, rows in enumerate(steps, start=1):
         if not rows:
             raise _empty_step(cfg, t, loaded, counts, ctx.config_path)
+    held_out = [_hold_out(cfg, t, rows) for t, rows in enumerate(steps, start=1)]
+    steps = [kept for kept, _ in held_out]
 
     overlap = _overlap(steps)
-    _print_table(cfg, steps, counts, overlap, ctx)
+    _print_table(cfg, steps, counts, overlap, ctx, held_out=[len(rows) for _, rows in held_out])
     for t, rows in enumerate(steps, start=1):
         meta = {"stage": "split", "step": t, "started": started, "fingerprint": fp, "strategy": cfg.split.strategy,
-                "rows": len(rows),
+                "inputs": fp.inputs, "rows": len(rows),
                 "rows_per_source": dict(Counter(r["source"] for r in rows)),
                 "sources": {n: dict(c) for n, c in counts.items()}, "formats": {s.name: s.format for s in loaded},
                 "overlap": overlap}
         _save(rows, run.data(t), meta)
+        if cfg.split.eval_fraction:
+            rows = held_out[t - 1][1]
+            _save(rows, run.data(f"eval-step-{t}"), {
+                "stage": "split", "step": f"eval-step-{t}", "started": started, "fingerprint": fp, "inputs": fp.inputs,
+                "rows": len(rows),
+                "held_out_of": f"step-{t}", "eval_fraction": cfg.split.eval_fraction,
+                "rows_per_source": dict(Counter(r["source"] for r in rows))})
     if cfg.data.eval:
-        src: LoadedSource = load_pairs(cfg.data.eval)
-        kept, dropped = tokenize_pairs(tok, src.pairs, cfg.data.max_length, cfg.data.max_prompt_length)
-        if not kept:
-            raise DataError(f"{src.where}: no eval pair fits data.max_length", hint="raise data.max_length")
-        meta = {"stage": "split", "step": "eval", "started": started, "fingerprint": fp, "rows": len(kept),
-                "sources": {src.name: dict(Counter(read=src.rows_read, kept=len(kept), dropped_too_long=dropped,
-                                                   **src.skipped))}}
-        _save(kept, run.data("eval"), meta)
+        _save_eval_source(cfg, tok, run.data("eval"), {"stage": "split", "step": "eval", "started": started,
+                                                       "fingerprint": fp, "inputs": fp.inputs}, ctx)
     for p in paths:
         ctx.info(f"split: wrote {p} ({read_meta(p)['rows']} pairs)")
     return paths
@@ -115,6 +131,32 @@ def _empty_step(cfg: SdpoConfig, t: int, loaded: list[LoadedSource], counts: dic
     return DataError(f"{where}: split.steps: step {t} has no rows ({why})",
                      hint="raise data.max_length, or set data.max_prompt_length so that long prompts are cut, "
                           "not dropped")
+
+
+def _save_eval_source(cfg: SdpoConfig, tok, path: Path, meta: dict, ctx: RunContext) -> None:
+    """data.eval, tokenised as the steps' pairs and written whole to data/eval: every step's held-out pairs."""
+    src: LoadedSource = load_pairs(cfg.data.eval)
+    kept, dropped = tokenize_pairs(tok, src.pairs, cfg.data.max_length, cfg.data.max_prompt_length)
+    if not kept:
+        raise DataError(f"{src.where}: no eval pair fits data.max_length", hint="raise data.max_length")
+    ctx.info(f"  held out for eval/* (data.eval, {src.name}): read {src.rows_read}, kept {len(kept)}, dropped "
+             f"(too long) {dropped}" + (f", skipped {dict(src.skipped)}" if any(src.skipped.values()) else ""))
+    counts = Counter(read=src.rows_read, kept=len(kept), dropped_too_long=dropped, **src.skipped)
+    _save(kept, path, meta | {"rows": len(kept), "sources": {src.name: dict(counts)}})
+
+
+def _hold_out(cfg: SdpoConfig, step: int, rows: list[dict]) -> tuple[list[dict], list[dict]]:
+    """(kept, held out): split.eval_fraction of D_t's pairs, at least one and never all, drawn by a generator of
+    their own (seed and step), so that holding pairs out leaves every other draw of the split unchanged. Both parts
+    keep D_t's order."""
+    if not cfg.split.eval_fraction:
+        return rows, []
+    if len(rows) < 2:
+        raise DataError(f"split.eval_fraction: step {step} has {len(rows)} pair, none to hold out",
+                        hint="use more data, or split.eval_fraction=0")
+    n = min(len(rows) - 1, max(1, round(cfg.split.eval_fraction * len(rows))))
+    chosen = set(random.Random(f"sdpo-eval-{cfg.seed}-{step}").sample(range(len(rows)), n))
+    return ([r for i, r in enumerate(rows) if i not in chosen], [r for i, r in enumerate(rows) if i in chosen])
 
 
 def _save(rows: list[dict], path: Path, meta: dict) -> None:
@@ -193,17 +235,23 @@ def _overlap(steps: list[list[dict]]) -> dict:
 
 
 def _print_table(cfg: SdpoConfig, steps: list[list[dict]], counts: dict[str, Counter], overlap: dict,
-                 ctx: RunContext) -> None:
+                 ctx: RunContext, held_out: list[int]) -> None:
     names = list(counts)
     table = Table(title=f"sDPO steps ({cfg.split.strategy})", title_justify="left")
     table.add_column("step")
     for name in names:
         table.add_column(name, justify="right")
     table.add_column("total", justify="right")
+    if cfg.split.eval_fraction:
+        table.add_column("held out", justify="right")
     for t, rows in enumerate(steps, start=1):
         per = Counter(r["source"] for r in rows)
-        table.add_row(f"D_{t}", *[str(per.get(n, 0)) for n in names], str(len(rows)))
+        table.add_row(f"D_{t}", *[str(per.get(n, 0)) for n in names], str(len(rows)),
+                      *([str(held_out[t - 1])] if cfg.split.eval_fraction else []))
     ctx.err.print(table)
+    if cfg.split.eval_fraction:
+        ctx.info(f"  held out for eval/* (split.eval_fraction={cfg.split.eval_fraction:g}): "
+                 + ", ".join(f"data/eval-step-{t} {n}" for t, n in enumerate(held_out, start=1)))
     for name, c in counts.items():
         skipped = {k: v for k, v in c.items() if k not in ("read", "kept", "truncated", "dropped_too_long") and v}
         ctx.info(f"  {name}: read {c['read']}, kept {c['kept']}, truncated {c['truncated']}, "

@@ -31,8 +31,8 @@ from sdpo_cli.config import SdpoConfig, TrainConfig, section
 from sdpo_cli.context import RunContext
 from sdpo_cli.distributed import make_accelerator
 from sdpo_cli.errors import ArtifactError, ConfigError, Interrupted, SdpoError
-from sdpo_cli.fingerprints import reflogp_fp, require_data, require_step, train_fp
-from sdpo_cli.logprobs import PairLogps
+from sdpo_cli.fingerprints import data_fp, logps_fp, reflogp_fp, require_data, require_step, train_fp
+from sdpo_cli.logprobs import PairLogps, completion_logps
 from sdpo_cli.lora import merged_model, with_lora
 from sdpo_cli.loss import dpo_losses, loss_at_equal_models
 from sdpo_cli.modelcard import write_model_card
@@ -52,6 +52,7 @@ from sdpo_cli.rundir import (
     write_text_atomic,
     writing,
 )
+from sdpo_cli.split import held_out_key
 
 METRICS = ("loss", "loss/dpo", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
            "logps/chosen", "logps/rejected", "gamma/policy", "gamma/ref")
@@ -62,12 +63,13 @@ def run_train(cfg: SdpoConfig, step: int, *, force: bool = False, ctx: RunContex
     started = time.time()
     check_trackers(cfg.train.report_to, ctx)
     inputs = StepInputs.check(cfg, step, ctx)
-    if not force and check_not_stale(inputs.out, inputs.fingerprint, f"sdpo train CONFIG --step {step}"):
+    if not force and check_not_stale(inputs.out, inputs.fingerprint, ctx.command("train", "--step", str(step)),
+                                   ctx.command("run")):
         ctx.info(f"train step {step}: finished already ({inputs.run.rel(inputs.out)}), skipping")
         if ctx.is_main:  # a kill after M_t was written and before its resume state was deleted left that state
             _discard_state(inputs.state_dir)
         return inputs.out
-    rows = inputs.rows()
+    rows, held_out = inputs.rows(), inputs.held_out_rows()
 
     tr = cfg.train
     accelerator = _accelerator(tr, inputs.run, ctx)
@@ -82,7 +84,8 @@ def run_train(cfg: SdpoConfig, step: int, *, force: bool = False, ctx: RunContex
     policy, optimizer, prepared = accelerator.prepare(PairLogps(target.model), optimizer, loader)
     loop = TrainLoop(cfg, inputs, ctx, accelerator=accelerator, policy=policy, optimizer=optimizer,
                      loader=prepared, sampler=loader.batch_sampler, expect_ln2=target.reference == target.init,
-                     chosen_tokens=[len(r["chosen_ids"]) for r in rows])
+                     chosen_tokens=[len(r["chosen_ids"]) for r in rows],
+                     held_out=HeldOut(cfg, held_out, target) if held_out else None)
     ctx.info(f"train step {step}: target from {target.init}, π_ref = {target.reference}; {len(rows)} pairs, "
              f"{loop.total} updates of {tr.per_device_batch_size}×{tr.gradient_accumulation}×"
              f"{accelerator.num_processes} = {loop.pairs_per_update} pairs, lr {tr.learning_rate:g}")
@@ -94,17 +97,26 @@ def run_train(cfg: SdpoConfig, step: int, *, force: bool = False, ctx: RunContex
     if tr.report_to:
         accelerator.end_training()
     meta = {"stage": "train", "step": step, "started": started, "fingerprint": inputs.fingerprint,
+            "inputs": inputs.fingerprint.inputs,
             "target_init": target.init, "reference": target.reference, "data": inputs.run.rel(inputs.data_path),
             "pairs": len(rows), "updates": loop.total, "epochs": loop.epochs_done,
             "world_size": accelerator.num_processes, "layout": target.layout, "compiled": bool(tr.compile),
-            "first": records[0], "last": records[-1], "log": inputs.run.rel(inputs.log_path)}
+            "log": inputs.run.rel(inputs.log_path), **log_summary(records)}
     save_target(cfg, inputs, target, accelerator=accelerator, policy=policy, optimizer=optimizer, meta=meta)
     if accelerator.is_main_process:
-        ctx.info(f"train step {step}: loss {records[0]['loss']:.4f} -> {records[-1]['loss']:.4f}; "
+        ctx.info(f"train step {step}: loss {meta['first']['loss']:.4f} -> {meta['last']['loss']:.4f}; "
                  f"wrote {inputs.out}")
         _discard_state(inputs.state_dir)  # M_t is complete: the resume state has served
     accelerator.wait_for_everyone()
     return inputs.out
+
+
+def log_summary(records: list[dict]) -> dict:
+    """meta.json's view of a step's log: its first and last train records and, with held-out pairs, the first and
+    last eval records (eval_first: before the first update; eval: at the step's end)."""
+    train = [r for r in records if "loss" in r]
+    evals = [r for r in records if "eval/loss" in r]
+    return {"first": train[0], "last": train[-1]} | ({"eval_first": evals[0], "eval": evals[-1]} if evals else {})
 
 
 def check_trackers(names: list[str], ctx: RunContext) -> None:
@@ -151,6 +163,8 @@ class StepInputs:
     data_path: Path
     ref_path: Path
     fingerprint: str  # of M_t: what it is computed from (fingerprints.train_fp)
+    held_out_path: Path | None = None  # data/eval-step-t or data/eval: the eval/* metrics' pairs, if any
+    held_out_ref_path: Path | None = None  # reflogp/eval-step-t: their reference log-probs
 
     @classmethod
     def check(cls, cfg: SdpoConfig, step: int, ctx: RunContext) -> StepInputs:
@@ -162,16 +176,27 @@ class StepInputs:
         run = RunDir(cfg.run_dir)
         require_step(cfg, step)
         tok = ctx.tokenizer(cfg.model)
-        data_path = require_data(cfg, run, step, tok)
+        data_path = require_data(cfg, run, step, tok, ctx)
         ref_path = run.reflogp(step)
         ref_meta = read_meta(ref_path)
-        redo = f"sdpo reflogp CONFIG --step {step}"
+        redo = ctx.command("reflogp", "--step", str(step))
         if ref_meta is None:
             raise ArtifactError(f"{ref_path}: reference log-probs not found", hint=redo)
-        if ref_meta.get("fingerprint") != reflogp_fp(cfg, run, step):
-            raise ArtifactError(f"{ref_path} is stale: its data or reference model changed", hint=f"{redo} --force")
+        check_not_stale(ref_path, reflogp_fp(cfg, run, step), redo, ctx.command("run"))  # stale: why, how to redo
         integrity.verify(ref_path)
-        return cls(step, run, tok, data_path, ref_path, train_fp(cfg, run, step))
+        inputs = cls(step, run, tok, data_path, ref_path, train_fp(cfg, run, step))
+        key = held_out_key(cfg, step)
+        if key is not None:  # the eval/* metrics' pairs and their log-probs under this step's reference
+            inputs.held_out_path = require_data(cfg, run, key, tok, ctx)
+            inputs.held_out_ref_path = run.reflogp_held_out(step)
+            expected = logps_fp(cfg, data_fp(run, key), reference_model(cfg, run, step), run)
+            meta = read_meta(inputs.held_out_ref_path)
+            if meta is None:
+                raise ArtifactError(f"{inputs.held_out_ref_path}: reference log-probs of the held-out pairs not "
+                                    "found", hint=redo)
+            check_not_stale(inputs.held_out_ref_path, expected, redo, ctx.command("run"))
+            integrity.verify(inputs.held_out_ref_path)
+        return inputs
 
     @property
     def out(self) -> Path:
@@ -187,12 +212,19 @@ class StepInputs:
 
     def rows(self) -> list[dict]:
         """The step's pairs joined with their reference log-probs (same rows, same order)."""
+        return self._joined(self.data_path, self.ref_path)
+
+    def held_out_rows(self) -> list[dict]:
+        """The held-out pairs joined with their reference log-probs; [] when the step has none."""
+        return self._joined(self.held_out_path, self.held_out_ref_path) if self.held_out_path else []
+
+    def _joined(self, data_path: Path, ref_path: Path) -> list[dict]:
         import datasets
 
-        pairs = datasets.load_from_disk(str(self.data_path))
-        refs = datasets.load_from_disk(str(self.ref_path))
+        pairs = datasets.load_from_disk(str(data_path))
+        refs = datasets.load_from_disk(str(ref_path))
         if pairs["id"] != refs["id"]:
-            raise ArtifactError(f"{self.ref_path}: rows do not match {self.data_path}",
+            raise ArtifactError(f"{ref_path}: rows do not match {data_path}",
                                 hint=f"sdpo reflogp CONFIG --step {self.step} --force")
         return [{"prompt_ids": p, "chosen_ids": c, "rejected_ids": r, "ref_chosen": rc, "ref_rejected": rr}
                 for p, c, r, rc, rr in zip(pairs["prompt_ids"], pairs["chosen_ids"], pairs["rejected_ids"],
@@ -334,23 +366,26 @@ class MetricSums:
         stacked = accelerator.reduce(torch.stack([self.sums[k] for k in self.KEYS]), reduction="sum")
         return dict(zip(self.KEYS, stacked.tolist()))
 
-    def record(self, accelerator, *, step: int, update: int, epoch: int, lr: float, grad_norm, since: float) -> dict:
-        """The log record of the window (means per pair) that began at time.time() `since`, and a fresh window."""
-        totals = self.totals(accelerator)  # the reduce waits for the device: the clock is read after it
-        seconds = time.time() - since
+    def means(self, accelerator) -> tuple[dict[str, float], dict[str, float]]:
+        """(METRICS as means per pair, plus ACCURACY_SHOWN; the raw totals) over every process, and a fresh window."""
+        totals = self.totals(accelerator)
         self.reset()
         pairs = max(totals["pairs"], 1.0)
-        record = {"step": step, "update": update, "epoch": epoch}
-        for key in METRICS[1:]:
-            record[key] = totals[key] / pairs
+        means = {key: totals[key] / pairs for key in METRICS[1:]}
         # the objective: the DPO loss (the ln 2 check reads loss/dpo) plus the NLL term per chosen token
-        record["loss"] = record["loss/dpo"] + self.nll_weight * totals["nll"] / max(totals["chosen_tokens"], 1.0)
-        record.update(lr=lr, grad_norm=float(grad_norm) if grad_norm is not None else None,
-                      tokens=int(totals["tokens"]), pairs=int(totals["pairs"]))
-        record["tokens/s"] = totals["tokens"] / max(seconds, 1e-9)
-        # the printed accuracy (ACCURACY_SHOWN) travels beside the record; TrainLoop._log takes it out before logging
-        return {k: record[k] for k in ("step", "update", "epoch", *METRICS, "lr", "grad_norm", "tokens", "tokens/s",
-                                       "pairs")} | {ACCURACY_SHOWN: totals[ACCURACY_SHOWN] / pairs}
+        means["loss"] = means["loss/dpo"] + self.nll_weight * totals["nll"] / max(totals["chosen_tokens"], 1.0)
+        # the printed accuracy travels beside the metrics; the loop takes it out before logging
+        return {k: means[k] for k in METRICS} | {ACCURACY_SHOWN: totals[ACCURACY_SHOWN] / pairs}, totals
+
+    def record(self, accelerator, *, step: int, update: int, epoch: int, lr: float, grad_norm, since: float) -> dict:
+        """The log record of the window (means per pair) that began at time.time() `since`, and a fresh window."""
+        means, totals = self.means(accelerator)  # the reduce waits for the device: the clock is read after it
+        seconds = time.time() - since
+        shown = means.pop(ACCURACY_SHOWN)
+        return {"step": step, "update": update, "epoch": epoch, **means, "lr": lr,
+                "grad_norm": float(grad_norm) if grad_norm is not None else None, "tokens": int(totals["tokens"]),
+                "tokens/s": totals["tokens"] / max(seconds, 1e-9), "pairs": int(totals["pairs"]),
+                ACCURACY_SHOWN: shown}
 
     def state_dict(self, accelerator) -> dict[str, float]:
         """The window's sums over every process (a collective call), for the main process to save."""
@@ -364,11 +399,52 @@ class MetricSums:
                 self.sums[key] += float(totals.get(key, 0.0))
 
 
+class HeldOut:
+    """The step's held-out pairs, scored by the target without gradients: the eval/* records (TRL's eval metrics).
+
+    Their reference log-probs were computed by `reflogp` under this step's reference (reflogp/eval-step-t), as the
+    training pairs' were: in sDPO the reference changes every step, so no number of an earlier step's is reused.
+    Scored before the first update (target == reference: eval/loss is the loss's value at δ = 0, ln 2 for sigmoid),
+    every train.eval_every updates and at the step's end. In one process or under DDP each process scores its share
+    of length-sorted batches with the unwrapped model; under FSDP / ZeRO-3 every process runs every batch through the
+    wrapped target (their collectives must match) and the main process counts them."""
+
+    def __init__(self, cfg: SdpoConfig, rows: list[dict], target: Target):
+        from sdpo_cli.batching import length_sorted_batches
+
+        self.cfg, self.rows, self.target = cfg, rows, target
+        self.batches = length_sorted_batches([pair_length(r, target.layout) for r in rows], cfg.inference.batch_size)
+
+    def record(self, accelerator, policy, *, step: int, update: int, epoch: int) -> dict:
+        """The eval record after `update` updates: {step, update, epoch, eval/<metric>..., eval/pairs}."""
+        dpo, sharded = self.cfg.dpo, _sharded(accelerator)
+        sums = MetricSums(accelerator.device, dpo.beta, dpo.nll_weight)
+        model = policy if sharded else accelerator.unwrap_model(policy).model
+        batches = self.batches if sharded else self.batches[accelerator.process_index::accelerator.num_processes]
+        counts = 1.0 if accelerator.is_main_process or not sharded else 0.0
+        was_training = policy.training
+        policy.eval()
+        collate = PairCollator(self.target.pad_id, self.target.layout)
+        with torch.no_grad(), accelerator.autocast():
+            for idx in batches:
+                batch, ref, weight = collate([(self.rows[i], True) for i in idx])
+                batch, ref = batch.to(accelerator.device), ref.to(accelerator.device)
+                chosen, rejected = model(batch) if sharded else completion_logps(model, batch)
+                losses = dpo_losses(chosen, rejected, ref[:, 0], ref[:, 1], beta=dpo.beta, loss=dpo.loss,
+                                    label_smoothing=dpo.label_smoothing, chosen_tokens=batch.chosen_tokens,
+                                    rejected_tokens=batch.rejected_tokens)
+                sums.add(PairScores(chosen, rejected, ref[:, 0], ref[:, 1], losses), batch, weight * counts)
+        policy.train(was_training)
+        means, totals = sums.means(accelerator)
+        return {"step": step, "update": update, "epoch": epoch, **{f"eval/{k}": v for k, v in means.items()},
+                "eval/pairs": int(totals["pairs"])}
+
+
 class TrainLoop:
     """The updates of one step: resume from the step's saved state, train, log, save state, stop on signals."""
 
     def __init__(self, cfg: SdpoConfig, inputs: StepInputs, ctx: RunContext, *, accelerator, policy, optimizer,
-                 loader, sampler, expect_ln2: bool, chosen_tokens: list[int]):
+                 loader, sampler, expect_ln2: bool, chosen_tokens: list[int], held_out: HeldOut | None = None):
         from transformers import get_scheduler
 
         self.cfg, self.tr, self.inputs, self.ctx, self.step = cfg, cfg.train, inputs, ctx, inputs.step
@@ -386,6 +462,8 @@ class TrainLoop:
         self.sums = MetricSums(accelerator.device, cfg.dpo.beta, cfg.dpo.nll_weight)
         self.update = self.epoch = self.skip = 0
         self.records: list[dict] = []
+        self.held_out = held_out
+        self.pending_eval: dict | None = None  # the update-0 eval record, logged right after update 0's record
 
     def run(self, force: bool = False) -> list[dict]:
         """Train to `total` updates; returns every log record of the step."""
@@ -398,6 +476,8 @@ class TrainLoop:
             # file renamed over the old one) to the records of the saved state, none at a fresh start; the later
             # records are redone, and appended one by one as they come
             _write_records(log_path, self.records)
+        if self.held_out is not None and self.update == 0:  # before the first update: target == reference
+            self.pending_eval = self._evaluate()
         # only rank 0 writes the log (the metrics are already reduced over ranks)
         with self.ctx.progress() as bar, StopSignals(self.inputs.state_dir) as stop, \
                 _LogFile(log_path if self.accelerator.is_main_process else None) as log_file:
@@ -424,6 +504,8 @@ class TrainLoop:
                         bar.update(task, status=f"loss {record['loss']:.4f}")
                     self.update += 1
                     bar.update(task, completed=self.update)
+                    if self._evaluates(self.update):
+                        self._log_eval(self._evaluate(), log_file)
                     stopping = stop.requested(self.accelerator)
                     if self.update >= self.total and not stopping:
                         break
@@ -483,12 +565,37 @@ class TrainLoop:
             self.accelerator.log({k: v for k, v in record.items() if isinstance(v, float)}, step=self.update)
         self.ctx.info(f"step {self.step} | update {self.update:>4}/{self.total} | loss {record['loss']:.4f} | margin "
                       f"{record['rewards/margins']:.4f} | acc {accuracy:.2f} | lr {lr:.2e}")
+        if self.pending_eval is not None:  # train's update-0 record stays the log's first record
+            self._log_eval(self.pending_eval, log_file)
+            self.pending_eval = None
         return record
+
+    def _evaluates(self, done: int) -> bool:
+        """Held-out evaluation after `done` updates: every train.eval_every, and at the step's end."""
+        every = self.tr.eval_every
+        return self.held_out is not None and (done == self.total or bool(every and done % every == 0))
+
+    def _evaluate(self) -> dict:
+        record = self.held_out.record(self.accelerator, self.policy, step=self.step, update=self.update,
+                                      epoch=self.epoch)
+        self.t_last = time.time()  # the next train record's tokens/s counts training time only
+        return record
+
+    def _log_eval(self, record: dict, log_file) -> None:
+        accuracy = record.pop(f"eval/{ACCURACY_SHOWN}")
+        self.records.append(record)
+        log_file.append(record)
+        if self.tr.report_to:
+            self.accelerator.log({k: v for k, v in record.items() if isinstance(v, float)}, step=record["update"])
+        self.ctx.info(f"step {self.step} | eval after {record['update']:>3}/{self.total} updates | loss "
+                      f"{record['eval/loss']:.4f} | margin {record['eval/rewards/margins']:.4f} | acc {accuracy:.2f} "
+                      f"| γ {record['eval/gamma/policy']:.4f} ({record['eval/pairs']} held-out pairs)")
 
     def _maybe_save(self, stopping: str | None, done_in_epoch: int) -> None:
         """Save the resumable state every train.save_every updates and before stopping on a signal."""
         if stopping or (self.tr.save_every and self.update % self.tr.save_every == 0):
-            progress = {"fingerprint": self.inputs.fingerprint, "update": self.update, "epoch": self.epoch,
+            progress = {"fingerprint": self.inputs.fingerprint, "update": self.update, "total": self.total,
+                        "epoch": self.epoch,
                         "batches": done_in_epoch, "records": len(self.records),
                         "sums": self.sums.state_dict(self.accelerator)}
             _save_state(self.accelerator, self.inputs.state_dir, progress)

@@ -373,10 +373,46 @@ def config_before_choices(tmp_path_factory):
         del sys.modules[spec.name]
 
 
+# keys added since BEFORE_CHOICES inside existing sections, with their defaults: the fingerprints leave them out at
+# these values (fingerprints.split_fp, NOT_WEIGHTS), so runs made before they existed stay current
+ADDED_KEYS = {"split": {"eval_fraction": 0.0}, "train": {"eval_every": 0}}
+
+
 def serialised(module, cfg) -> tuple[str, str, str]:
-    """The run's config.yaml, every section, and the sections the fingerprints hash, as they are written."""
-    return (module.to_yaml(cfg), json.dumps(module.section(cfg, *SECTIONS), sort_keys=True),
-            json.dumps(module.section(cfg, "data", "split", "dpo", "train", "peft"), sort_keys=True))
+    """The run's config.yaml, every section, and the sections the fingerprints hash, as they are written (without
+    ADDED_KEYS where they have their defaults)."""
+    text = module.to_yaml(cfg)
+    for keys in ADDED_KEYS.values():
+        for key, default in keys.items():
+            text = text.replace(f"  {key}: {default}\n", "")
+
+    def sections(*names):
+        values = module.section(cfg, *names)
+        for name, keys in ADDED_KEYS.items():
+            for key, default in keys.items():
+                if name in values and values[name].get(key, default) == default:
+                    values[name].pop(key, None)
+        return json.dumps(values, sort_keys=True)
+
+    return text, sections(*SECTIONS), sections("data", "split", "dpo", "train", "peft")
+
+
+def test_added_keys_at_their_defaults_leave_every_fingerprint_as_it_was(tmp_path, monkeypatch):
+    """split.eval_fraction=0 and train.eval_every (any value) change no fingerprint: split_fp drops the first at 0,
+    train_fp never hashes the second (NOT_WEIGHTS)."""
+    from sdpo_cli import fingerprints
+
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(FIXTURES)
+    split = fingerprints.section(cfg, "data", "split")
+    del split["split"]["eval_fraction"]
+    assert "eval_every" in fingerprints.NOT_WEIGHTS
+    called = {}
+    monkeypatch.setattr(fingerprints, "fingerprint", lambda *parts: called.setdefault("parts", parts))
+    monkeypatch.setattr(fingerprints, "source_identity", lambda *a: "source")
+    monkeypatch.setattr(fingerprints, "tokenizer_identity", lambda tok: "tok")
+    fingerprints.split_fp(cfg, None)
+    assert called["parts"][1] == split
 
 
 @pytest.mark.parametrize("path,overrides", SERIALISED,

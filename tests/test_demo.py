@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -83,10 +84,70 @@ def test_demo_end_to_end_gamma_rises(tmp_path: Path):
     assert done.returncode == 0, done.stderr
     assert "ln 2 check ok" in done.stderr
     assert (run_dir / "reports" / "loss.png").is_file()
-    gamma = run_cli("gamma", str(CONFIG), f"run_dir={run_dir}", "--json", env=env)
+    gamma = run_cli("gamma", str(CONFIG), f"run_dir={run_dir}", env=env)  # the table, as `make demo` prints it
     assert gamma.returncode == 0, gamma.stderr
-    means = {r["checkpoint"]: r["mean"] for r in json.loads(gamma.stdout)}
-    assert {r["data"] for r in json.loads(gamma.stdout)} == {"step-2"}
+    results = json.loads((run_dir / "reports" / "gamma.json").read_text())
+    means = {r["checkpoint"]: r["mean"] for r in results}
+    assert {r["data"] for r in results} == {"step-2"}
     assert means["base"] < means["step-1"] < means["step-2"], means
     assert means["base"] < 0, "S slightly prefers the rejected (rude) replies, like the paper's S"
-    assert _load_script("check").check(json.loads((run_dir / "reports" / "gamma.json").read_text()))[0]
+    ok, message = _load_script("check").check(results)
+    assert ok, message
+
+    # the README shows what `make demo` prints: the γ table, then demo/check.py's line
+    printed = gamma.stdout.rstrip("\n").splitlines() + [f"OK: {message}"]
+    assert_same_figures(readme_demo_block(), printed)
+
+
+NUMBER = re.compile(r"(?<![\w-])-?\d+(?:\.\d+)?")  # a figure, not the digit of a label (step-2, D_2)
+
+
+def readme_demo_block() -> list[str]:
+    """The lines of the README's fenced block that shows `make demo`'s output (the one with demo/check.py's line)."""
+    blocks, block = [], None
+    for line in (ROOT / "README.md").read_text().splitlines():
+        if line.startswith("```") and block is None:  # an opening fence
+            block = []
+        elif line.startswith("```"):  # the closing one
+            blocks.append(block)
+            block = None
+        elif block is not None:
+            block.append(line)
+    [block] = [b for b in blocks if any(line.startswith("OK: mean γ on D_2") for line in b)]
+    return block
+
+
+def assert_same_figures(readme: list[str], printed: list[str]) -> None:
+    """The README's lines as printed: every character but the numbers identical (the table's layout, labels and
+    widths) and every count exact; every decimal equal to within one unit of its last printed digit (float noise:
+    the README committed as "what make demo prints now" and a fresh run of that commit on another day differed in
+    the 4th decimal of two figures); else the README needs the printed block."""
+    def split(line: str) -> tuple[list[str], list[str]]:
+        return NUMBER.split(line)[::2], [m.group(0) for m in NUMBER.finditer(line)]
+
+    drift = "the README's `make demo` block differs from what the demo prints; paste this:\n" + "\n".join(printed)
+    assert len(readme) == len(printed), drift
+    for old, new in zip(readme, printed):
+        (old_text, old_numbers), (new_text, new_numbers) = split(old), split(new)
+        assert old_text == new_text and len(old_numbers) == len(new_numbers), drift
+        for a, b in zip(old_numbers, new_numbers):
+            unit = 10.0 ** -len(a.split(".")[1]) if "." in a else 0.0
+            assert len(a) == len(b) and abs(float(a) - float(b)) <= unit * 1.001, drift
+
+
+def test_readme_figure_comparison():
+    block = readme_demo_block()
+    assert block[0] == "γ on step-2" and block[-1].startswith("OK: mean γ on D_2 rises")
+    assert_same_figures(block, list(block))
+    row = next(i for i, line in enumerate(block) if line.startswith("│ step-2"))
+    mean = [m.group(0) for m in NUMBER.finditer(block[row])][1]  # after n: the mean, "142.3608"
+    last = int(mean[-1])
+    nudged = block[:row] + [block[row].replace(mean, mean[:-1] + str(last + 1 if last < 9 else last - 1))] \
+        + block[row + 1:]
+    assert_same_figures(block, nudged)  # float noise in the last digit
+    changed = block[:row] + [block[row].replace(mean, mean[:-3] + str((int(mean[-3]) + 1) % 10) + mean[-2:])] \
+        + block[row + 1:]
+    for wrong in (changed, [line.replace("step-2 ", "step-3 ") for line in block],
+                  [line.replace(" 152 ", " 153 ") for line in block], block[:-1]):
+        with pytest.raises(AssertionError):
+            assert_same_figures(block, wrong)

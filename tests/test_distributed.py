@@ -35,10 +35,12 @@ def read_log(path: Path) -> list[dict]:
 @pytest.mark.parametrize("lora,engines", [(False, ("ddp", "fsdp")), (True, ("fsdp",))], ids=["full", "lora"])
 def test_two_processes_equal_one_process_with_twice_the_batch(tiny_config, tmp_path, lora, engines):
     """DDP, and FSDP2 through the shipped configs/accelerate/fsdp.yaml, also with LoRA (the adapter gathered from the
-    shards and merged into a reloaded M_{t-1}). 16 pairs in global batches of 6: the last batch of each epoch holds 4
-    pairs, 3 on one rank and 1 (+ 2 weight-0 copies) on the other, and must still train exactly as one process's
-    batch of 4. Inference batch 3: 6 batches, shared unevenly between the 2 ranks."""
-    config, _ = tiny_config(**{"inference.batch_size": 3, "peft.enabled": lora})
+    shards and merged into a reloaded M_{t-1}). 16 pairs, 3 held out (split.eval_fraction): 13 in global batches of 6,
+    so the last batch of each epoch holds 1 pair, on one rank, and weight-0 copies on the other, and must still train
+    exactly as one process's batch of 1. Inference batch 3: 5 batches of D_t, shared unevenly between the 2 ranks;
+    the held-out pairs' eval/* records (update 0, every 2 updates, the end) equal one process's too."""
+    config, _ = tiny_config(**{"inference.batch_size": 3, "peft.enabled": lora, "split.eval_fraction": 0.2,
+                               "train.eval_every": 2})
     single = tmp_path / "single"
     one = run_cli("run", str(config), f"run_dir={single}", "train.per_device_batch_size=6")
     assert one.returncode == 0, one.stderr
@@ -61,15 +63,18 @@ def _assert_same_run(single: Path, multi: Path, lora: bool) -> None:
         assert meta["world_size"] == 2
         a = datasets.load_from_disk(str(single / "reflogp" / f"step-{t}"))
         b = datasets.load_from_disk(str(multi / "reflogp" / f"step-{t}"))
-        assert a["id"] == b["id"] and len(b) == 16  # every row once, in order
+        assert a["id"] == b["id"] and len(b) == 13  # every row once, in order
         for key in ("ref_chosen_logp", "ref_rejected_logp"):
             assert b[key] == pytest.approx(a[key], abs=1e-5)
         la = read_log(single / "logs" / f"train-step-{t}.jsonl")
         lb = read_log(multi / "logs" / f"train-step-{t}.jsonl")
         assert [r["update"] for r in la] == [r["update"] for r in lb]
+        assert sum("eval/loss" in r for r in lb) >= 3
         for ra, rb in zip(la, lb):
-            assert rb["loss"] == pytest.approx(ra["loss"], abs=1e-5)
-            assert rb["pairs"] == ra["pairs"]
+            assert set(ra) == set(rb)
+            for key in ("loss", "eval/loss", "eval/rewards/margins", "eval/gamma/policy"):
+                assert rb.get(key) == pytest.approx(ra.get(key), abs=1e-5)
+            assert (rb.get("pairs"), rb.get("eval/pairs")) == (ra.get("pairs"), ra.get("eval/pairs"))
     files = ["model.safetensors"] + (["adapter/adapter_model.safetensors"] if lora else [])
     for name in files:
         wa = load_file(str(single / "checkpoints" / "step-2" / name))

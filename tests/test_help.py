@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from sdpo_cli.cli import app
 
-COMMANDS = ["split", "reflogp", "train", "run", "gamma", "eval"]
+COMMANDS = ["split", "reflogp", "train", "run", "gamma", "eval", "status"]
 
 
 def invoke(*args: str):
@@ -32,7 +32,8 @@ def example_of(command: str) -> str:
 
 
 def test_every_command_is_listed_here():
-    assert sorted(c.name or c.callback.__name__ for c in app.registered_commands) == sorted(COMMANDS)
+    # init takes no CONFIG: its help is tested in tests/test_start.py
+    assert sorted(c.name or c.callback.__name__ for c in app.registered_commands) == sorted([*COMMANDS, "init"])
 
 
 @pytest.mark.parametrize("command", COMMANDS)
@@ -71,8 +72,9 @@ def test_version_prints_the_package_version():
 
 
 @pytest.mark.parametrize(("command", "flags"), [("split", ["--force"]), ("reflogp", ["--force"]),
-                                                ("train", ["--force"]), ("run", ["--force"]),
+                                                ("train", ["--force"]), ("run", ["--force", "--redo-stale"]),
                                                 ("gamma", ["--json"]), ("eval", ["--force", "--json"]),
+                                                ("status", ["--json"]),
                                                 ("", ["--version"])])
 def test_flags_are_shown_without_a_value(command, flags):
     """A flag takes no value: its help row names no type (typer's default would be `--force <bool>`); -h / --help

@@ -111,3 +111,32 @@ def test_collate_scores_exactly_the_completion_tokens():
     assert b.targets.tolist() == [7, 8, 10, 11, 12, 9, 13, 14]
     assert b.segment.tolist() == [0, 0, 2, 2, 2, 1, 3, 3]
     assert b.chosen_tokens.tolist() == [2, 3] and b.rejected_tokens.tolist() == [1, 2]
+
+
+def plain_shared_logps(model, pair: dict) -> tuple[float, float]:
+    """LD-DPO's split by hand: the sums over the first min(C, R) completion tokens, from one unpadded row each."""
+    shared = min(len(pair["chosen_ids"]), len(pair["rejected_ids"]))
+    out = []
+    for key in ("chosen_ids", "rejected_ids"):
+        ids = torch.tensor([pair["prompt_ids"] + pair[key]])
+        logits = model(input_ids=ids, use_cache=False).logits[0].float()
+        logp = torch.log_softmax(logits[:-1], dim=-1).gather(-1, ids[0, 1:, None]).squeeze(-1)
+        out.append(logp[len(pair["prompt_ids"]) - 1:][:shared].sum().item())
+    return out[0], out[1]
+
+
+@pytest.mark.parametrize("layout", ["padded", "prefix", "packed"])
+def test_shared_sums_cover_the_first_min_length_tokens_in_every_layout(model, layout):
+    """completion_logps_shared: the full sums as completion_logps, and the sums over the length both replies share
+    (LD-DPO's split, TRL 1.16 `_compute_loss` shared_mask) equal to a by-hand cut of an unpadded row's log-probs."""
+    pairs = random_pairs(model.config.vocab_size, 6, seed=3)
+    assert len({(len(p["chosen_ids"]) < len(p["rejected_ids"])) for p in pairs}) == 2  # both sides are the shorter
+    with torch.no_grad():
+        batch = collate_pairs(pairs, pad_id=0, layout=layout)
+        chosen, rejected, chosen_shared, rejected_shared = logprobs.completion_logps_shared(model, batch)
+        full = completion_logps(model, batch)
+    assert torch.equal(chosen, full[0]) and torch.equal(rejected, full[1])
+    for i, pair in enumerate(pairs):
+        c, r = plain_shared_logps(model, pair)
+        assert chosen_shared[i].item() == pytest.approx(c, abs=1e-5, rel=1e-6)
+        assert rejected_shared[i].item() == pytest.approx(r, abs=1e-5, rel=1e-6)

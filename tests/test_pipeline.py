@@ -148,8 +148,9 @@ def test_changed_config_is_refused_not_mixed(finished_run):
     config, run, _ = finished_run
     result = run_cli("run", str(config), "dpo.beta=0.2", cwd=config.parent)
     assert result.returncode == 1
-    assert "checkpoints/step-1 was computed from another configuration" in result.stderr
-    assert "Hint: sdpo train CONFIG --step 1 --force" in result.stderr and "Traceback" not in result.stderr
+    assert "checkpoints/step-1 is stale: dpo.beta 0.1 → 0.2" in result.stderr
+    assert f"Hint: sdpo train {config} --step 1 dpo.beta=0.2 --force" in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 @pytest.mark.slow
@@ -160,7 +161,8 @@ def test_gamma_json_lists_every_checkpoint_and_reuses_reflogp(finished_run):
     out = json.loads(result.stdout)
     assert [r["checkpoint"] for r in out] == ["base", "step-1", "step-2"]
     assert all(r["data"] == "step-2" and r["n"] == 16 for r in out)
-    assert all(set(r) == {"checkpoint", "data", "n", "mean", "std", "median", "frac_positive"} for r in out)
+    assert all(set(r) == {"checkpoint", "data", "n", "mean", "std", "median", "frac_positive", "stale"} for r in out)
+    assert not any(r["stale"] for r in out)  # every checkpoint is what this config gives
     # step-1 on step-2 data is exactly reflogp step 2 (M_1 is its reference): reused, not recomputed
     ref = datasets.load_from_disk(str(run / "reflogp" / "step-2"))
     assert out[1]["mean"] == pytest.approx(sum(ref["gamma_ref"]) / 16, abs=1e-9)
@@ -264,7 +266,8 @@ def test_train_before_reflogp_says_what_to_run(tiny_config):
     assert run_in_process("split", str(config)).returncode == 0
     result = run_in_process("train", str(config), "--step", "1")
     assert result.returncode == 1
-    assert "reference log-probs not found" in result.stderr and "Hint: sdpo reflogp CONFIG --step 1" in result.stderr
+    assert "reference log-probs not found" in result.stderr
+    assert f"Hint: sdpo reflogp {config} --step 1" in result.stderr  # the user's own arguments
 
 
 @pytest.mark.slow
