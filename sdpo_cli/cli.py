@@ -28,7 +28,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from sdpo_cli.context import RunContext
-from sdpo_cli.errors import SdpoError
+from sdpo_cli.errors import ConfigError, DataError, SdpoError
 
 
 class _FlagHelp:
@@ -99,9 +99,15 @@ def _config(config: Path, overrides: list[str] | None):
     from sdpo_cli.config import config_file, load_config
     from sdpo_cli.runtime import apply_runtime  # runtime.threads, set once before any torch work
 
+    global _command_line
+    _command_line = (str(config), *(overrides or []))
     cfg = apply_runtime(load_config(config, overrides))
-    return cfg, RunContext.from_env(config_path=str(config_file(config)),
-                                    command_line=[str(config), *(overrides or [])])
+    return cfg, RunContext.from_env(config_path=str(config_file(config)), command_line=_command_line)
+
+
+# CONFIG and the overrides of this process's command, once parsed: _fail writes them into the hints of errors raised
+# where no RunContext reaches (integrity checks, model resolution), so that every hint is a command to paste.
+_command_line: tuple[str, ...] = ()
 
 
 class _CtrlC(Exception):
@@ -228,16 +234,12 @@ def _run_config(config: Path | None, overrides: list[str] | None, model: str | N
     given = [flag for flag, value in (("--model", model), ("--data", data), ("--run-dir", run_dir)) if value]
     if config is not None:
         if given:
-            from sdpo_cli.errors import ConfigError
-
             raise ConfigError(f"{' and '.join(given)}: only for a start without CONFIG; {config} names the model, "
                               "the data and the run directory",
                               hint=f"sdpo run {config} model.base=MODEL run_dir=DIR  # overrides of the config's keys, "
                                    "or drop CONFIG: sdpo run --model MODEL --data FILE --run-dir DIR")
         return (*_config(config, overrides), False)
     if not model or not data:
-        from sdpo_cli.errors import ConfigError
-
         example = f"sdpo run --model {model or 'MODEL'} --data {(data or ['FILE'])[0]} [--data FILE ...]"
         missing = " and ".join(flag for flag, value in (("--model", model), ("--data", data)) if not value)
         raise ConfigError(f"sdpo run without CONFIG needs {missing}" if given else
@@ -413,6 +415,8 @@ def main() -> None:
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' loading bars too: ours say what loads
+    global _command_line
+    _command_line = ()  # set by _config once CONFIG is parsed
     try:
         app(standalone_mode=True)
     except SdpoError as e:
@@ -430,7 +434,9 @@ def _fail(e: SdpoError) -> None:
     err = RunContext.from_env().err
     err.print(f"[bold red]Error:[/] {escape(e.message)}", soft_wrap=True)
     if e.hint:
-        err.print(f"Hint: {escape(e.hint)}", soft_wrap=True)
+        hint = e.hint if isinstance(e, (ConfigError, DataError)) else RunContext(
+            command_line=_command_line).with_real_arguments(e.hint)  # input errors' hints show how to fix the input
+        err.print(f"Hint: {escape(hint)}", soft_wrap=True)
     sys.exit(e.exit_code)
 
 

@@ -13,6 +13,7 @@ shorter than that prints none, so logs stay greppable.
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import time
 from dataclasses import dataclass, field
@@ -21,6 +22,9 @@ from typing import Any, Mapping
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+# `sdpo NAME CONFIG` and the options after it (`--step 2`, `--force`): what RunContext.with_real_arguments rewrites
+_CONFIG_COMMAND = re.compile(r"sdpo ([a-z]+) CONFIG((?: --[a-z-]+(?: (?!-)[^\s#]+)?)*)")
 
 
 @dataclass
@@ -56,6 +60,14 @@ class RunContext:
         --force). `sdpo NAME CONFIG OPTIONS` when this context has no command line."""
         config, *overrides = self.command_line or ("CONFIG",)
         return shlex.join(["sdpo", name, config, *options, *overrides])
+
+    def with_real_arguments(self, hint: str) -> str:
+        """A hint with each `sdpo NAME CONFIG [--option value ...]` in it written as `command` writes it: the user's
+        CONFIG and overrides. For the hints of code that no context reaches (integrity checks, model resolution);
+        unchanged without a command line."""
+        if not self.command_line:
+            return hint
+        return _CONFIG_COMMAND.sub(lambda m: self.command(m.group(1), *shlex.split(m.group(2))), hint)
 
     def info(self, message: str) -> None:
         self.err.print(message)

@@ -47,7 +47,8 @@ def run_all(cfg: SdpoConfig, *, force: bool = False, redo_stale: bool = False, c
     for t in range(1, steps + 1):
         ctx.info(f"[bold]sDPO step {t}/{steps}[/]")
         integrity.check_sizes(run_reflogp(cfg, t, force=redo("reflogp", t), ctx=ctx))
-        integrity.check_sizes(run_train(cfg, t, force=redo("train", t), ctx=ctx))
+        # a stale M_t is redone, but the saved state of an interrupted redo (same fingerprint) is resumed
+        integrity.check_sizes(run_train(cfg, t, force=force, redo_stale=redo("train", t), ctx=ctx))
         if evaluator is not None:
             from sdpo_cli.evaluate import eval_table
             from sdpo_cli.models import named_model

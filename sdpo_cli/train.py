@@ -58,13 +58,16 @@ METRICS = ("loss", "loss/dpo", "rewards/chosen", "rewards/rejected", "rewards/ma
            "logps/chosen", "logps/rejected", "gamma/policy", "gamma/ref")
 
 
-def run_train(cfg: SdpoConfig, step: int, *, force: bool = False, ctx: RunContext | None = None) -> Path:
+def run_train(cfg: SdpoConfig, step: int, *, force: bool = False, redo_stale: bool = False,
+              ctx: RunContext | None = None) -> Path:
+    """M_t. `force` redoes the step from its start; `redo_stale` (run --redo-stale, for a stale M_t) redoes it too,
+    but resumes a saved state of this very configuration: the state an interrupted redo left."""
     ctx = ctx or RunContext.from_env()
     started = time.time()
     check_trackers(cfg.train.report_to, ctx)
     inputs = StepInputs.check(cfg, step, ctx)
-    if not force and check_not_stale(inputs.out, inputs.fingerprint, ctx.command("train", "--step", str(step)),
-                                   ctx.command("run")):
+    if not (force or redo_stale) and check_not_stale(inputs.out, inputs.fingerprint,
+                                                     ctx.command("train", "--step", str(step)), ctx.command("run")):
         ctx.info(f"train step {step}: finished already ({inputs.run.rel(inputs.out)}), skipping")
         if ctx.is_main:  # a kill after M_t was written and before its resume state was deleted left that state
             _discard_state(inputs.state_dir)

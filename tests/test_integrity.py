@@ -49,6 +49,8 @@ def damaged_copy(finished, tmp_path):
     def sdpo(*args: str):
         return run_in_process(*args[:1], str(config), *args[1:], f"run_dir={copy}")
 
+    # a hint names the command to paste: this config and its override, not a literal CONFIG
+    sdpo.hint = lambda command, *options: " ".join(["sdpo", command, str(config), *options, f"run_dir={copy}"])
     return copy, sdpo
 
 
@@ -101,7 +103,7 @@ def test_truncated_arrow_in_reflogp_stops_run(damaged_copy):
     with open(arrow, "r+b") as f:
         f.truncate(size // 2)
     result = sdpo("run")
-    assert_fails(result, str(arrow), f"size {size // 2} != {size}", hint="sdpo reflogp CONFIG --step 1 --force")
+    assert_fails(result, str(arrow), f"size {size // 2} != {size}", hint=sdpo.hint("reflogp", "--step", "1", "--force"))
 
 
 def test_deleted_checkpoint_weights_stop_run_and_gamma(damaged_copy):
@@ -111,15 +113,15 @@ def test_deleted_checkpoint_weights_stop_run_and_gamma(damaged_copy):
     weights = run / "checkpoints" / "step-1" / "model.safetensors"
     weights.unlink()
     for args in (("run",), ("gamma",)):
-        assert_fails(sdpo(*args), str(weights), "missing", hint="sdpo train CONFIG --step 1 --force")
+        assert_fails(sdpo(*args), str(weights), "missing", hint=sdpo.hint("train", "--step", "1", "--force"))
 
 
 @pytest.mark.parametrize("damaged, command, hint", [
-    ("checkpoints/step-1/model.safetensors", "train", "sdpo train CONFIG --step 1 --force"),
-    ("checkpoints/step-1/model.safetensors", "reflogp", "sdpo train CONFIG --step 1 --force"),
-    ("checkpoints/step-1/tokenizer.json", "reflogp", "sdpo train CONFIG --step 1 --force"),
-    (f"data/step-2/{ARROW}", "reflogp", "sdpo split CONFIG --force"),
-    (f"reflogp/step-2/{ARROW}", "train", "sdpo reflogp CONFIG --step 2 --force"),
+    ("checkpoints/step-1/model.safetensors", "train", ("train", "--step", "1", "--force")),
+    ("checkpoints/step-1/model.safetensors", "reflogp", ("train", "--step", "1", "--force")),
+    ("checkpoints/step-1/tokenizer.json", "reflogp", ("train", "--step", "1", "--force")),
+    (f"data/step-2/{ARROW}", "reflogp", ("split", "--force")),
+    (f"reflogp/step-2/{ARROW}", "train", ("reflogp", "--step", "2", "--force")),
 ], ids=["M1_weights-train", "M1_weights-reflogp", "M1_tokenizer-reflogp", "data-reflogp", "reflogp-train"])
 def test_flipped_bytes_stop_the_stage_that_reads_them(damaged_copy, damaged, command, hint):
     """64 bytes flipped in the middle of a file (same size, so only its hash shows it): the stage of step 2 that
@@ -130,7 +132,7 @@ def test_flipped_bytes_stop_the_stage_that_reads_them(damaged_copy, damaged, com
     before = (outputs[command] / "meta.json").read_text()
     log_before = (run / "logs" / "train-step-2.jsonl").read_text()
     result = sdpo(command, "--step", "2", "--force")
-    assert_fails(result, str(run / damaged), "content hash differs", hint=hint)
+    assert_fails(result, str(run / damaged), "content hash differs", hint=sdpo.hint(*hint))
     assert (outputs[command] / "meta.json").read_text() == before  # the finished step 2 is kept as it was
     assert (run / "logs" / "train-step-2.jsonl").read_text() == log_before  # no update ran
 

@@ -403,3 +403,31 @@ def test_redo_stale_keeps_a_current_run_as_it_is(finished, tmp_path):
     result = sdpo("run", str(config), f"run_dir={run}", "--redo-stale")
     assert result.stderr.count("finished already") == 5 and "redoing" not in result.stderr
     assert metas(run) == before
+
+
+def test_an_interrupted_redo_stale_resumes_its_saved_state(tmp_path, tiny_model_dir):
+    """`run --redo-stale` stopped by SIGINT while it redoes a stale M_1 leaves the state of the new configuration:
+    the same command again resumes it (it does not start the redo over, as --force would)."""
+    from tests.test_resume import run_and_signal
+
+    config = write_config(tmp_path, tiny_model_dir, max_updates=16, save_every=1, per_device_batch_size=2)
+    state = tmp_path / "run" / "checkpoints" / ".step-1.state" / "progress.json"
+    sdpo("run", str(config))
+    assert not state.exists()
+    redo = ["run", str(config), "dpo.beta=0.2", "--redo-stale"]
+
+    def three_updates_saved(_) -> bool:
+        try:  # a newer state replaces the folder: it may be gone for an instant
+            return json.loads(state.read_text())["update"] >= 3
+        except (OSError, ValueError):
+            return False
+
+    code, stderr = run_and_signal(redo, three_updates_saved, signal.SIGINT)
+    assert code == 130, stderr
+    assert "train step 1: stale, redoing it (--redo-stale)" in stderr
+    done = json.loads(state.read_text())["update"]
+
+    resumed = run_in_process(*redo)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"train step 1: resuming after update {done - 1} ({done} of 16 done)" in resumed.stderr
+    assert status(str(config), "dpo.beta=0.2")["up_to_date"]
