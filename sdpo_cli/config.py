@@ -78,11 +78,27 @@ class Strategy(Choice):  # split.strategy: how pairs are cut into steps (sdpo_cl
     curriculum = "curriculum"
 
 
-class Loss(Choice):  # dpo.loss (sdpo_cli/loss.py)
+class CurriculumScore(Choice):  # split.curriculum_score: what strategy `curriculum` sorts pairs by (sdpo_cli/split.py)
+    gamma = "gamma"  # γ under S: log π(y_w|x) − log π(y_l|x)
+    gamma_per_token = "gamma_per_token"  # each log-prob divided by its completion's token count
+
+
+class Loss(Choice):  # dpo.loss, one name or a list (sdpo_cli/loss.py, docs/losses.md): TRL 1.16's loss_type names
     sigmoid = "sigmoid"
     robust = "robust"
     hinge = "hinge"
     ipo = "ipo"
+    exo_pair = "exo_pair"
+    nca_pair = "nca_pair"
+    bco_pair = "bco_pair"
+    sppo_hard = "sppo_hard"
+    aot = "aot"
+    aot_unpaired = "aot_unpaired"
+    apo_zero = "apo_zero"
+    apo_down = "apo_down"
+    discopop = "discopop"
+    sft = "sft"
+    sigmoid_norm = "sigmoid_norm"
 
 
 class Start(Choice):  # dpo.target_init: the model the target of step t starts from (and dpo.reference's keywords)
@@ -113,6 +129,7 @@ class Layout(Choice):  # train.layout: how pairs become token rows (sdpo_cli/col
 DTYPES = DType.values()
 FORMATS = Format.values()
 STRATEGIES = Strategy.values()
+CURRICULUM_SCORES = CurriculumScore.values()
 LOSSES = Loss.values()
 STARTS = Start.values()
 SCHEDULES = Schedule.values()
@@ -154,7 +171,10 @@ class DataConfig:
     sources: List[SourceConfig] = field(default_factory=list)
     eval: Optional[SourceConfig] = None  # optional held-out pairs, written to data/eval
     max_length: int = 1024  # prompt + completion tokens per sequence; completions are cut from the right
-    max_prompt_length: Optional[int] = None  # prompts longer than this are cut from the left (None: no cap)
+    # prompts longer than this lose text from the left of their content; BOS and the template's framing stay (None: no
+    # cap; sdpo_cli/data/tokenize.py)
+    max_prompt_length: Optional[int] = None
+    drop_ties: bool = False  # skip rows whose chosen and rejected scores are equal (ultrafeedback, argilla formats)
 
 
 @dataclass
@@ -165,30 +185,43 @@ class SplitConfig:
     # share of each D_t held out (seeded) as data/eval-step-t: the pairs train's eval/* metrics are computed on;
     # 0: none (data.eval, if set, is the held-out set of every step instead)
     eval_fraction: float = 0.0
+    # curriculum: sort by γ under S, or by γ of per-token log-probs (less tied to the replies' length difference)
+    curriculum_score: CurriculumScore = CurriculumScore.gamma
 
 
 @dataclass
 class DPOConfig:
     beta: float = 0.1
-    loss: Loss = Loss.sigmoid
-    label_smoothing: float = 0.0  # ε: cDPO for sigmoid, robust DPO for robust
-    nll_weight: float = 0.0  # weight of an added NLL term on the chosen completions (RPO); 0 = off
+    # a Loss, or a list of them summed with dpo.loss_weights (e.g. [sigmoid, sft]); typed Any because omegaconf has
+    # no str-or-list type: _dpo_problems checks every name (docs/losses.md)
+    loss: Any = Loss.sigmoid.value
+    label_smoothing: float = 0.0  # ε: cDPO for sigmoid, robust DPO for robust, EXO's ε, aot's smoothing
+    nll_weight: float = 0.0  # weight of an added NLL term on the chosen completions (RPO): the same as adding `sft`
+    loss_weights: Optional[List[float]] = None  # one per dpo.loss entry; None: 1.0 each
+    ld_alpha: Optional[float] = None  # LD-DPO: weight in [0, 1] of the longer reply's tokens past min(C, R); None: off
+    use_weighting: bool = False  # WPO: weight each pair by the policy's length-normalised probabilities of both replies
+    f_divergence_type: str = "reverse_kl"  # f-DPO: reverse_kl | forward_kl | js_divergence | alpha_divergence
+    f_alpha_divergence_coef: float = 0.5  # α of alpha_divergence
+    discopop_tau: float = 0.05  # τ of the discopop loss
     reference: str = Start.previous.value  # a Start (previous: M_{t-1}, base: S) or a path or hub id
     target_init: Start = Start.previous
 
 
 @dataclass
 class TrainConfig:
-    learning_rate: float = 5.0e-7  # Zephyr / the sDPO paper
-    lr_schedule: Schedule = Schedule.linear
-    warmup_ratio: float = 0.1  # share of the step's updates spent warming up
-    epochs: float = 1.0
+    # The sDPO paper gives no numbers: its training "closely follows" Zephyr (Tunstall et al. 2023, arXiv:2310.16944).
+    # Where each default comes from, and where Zephyr's public sources disagree: docs/configs.md, "Where the SOLAR
+    # configs' values come from".
+    learning_rate: float = 5.0e-7  # Zephyr's dDPO peak rate (paper, model card and alignment-handbook recipe agree)
+    lr_schedule: Schedule = Schedule.linear  # Zephyr's paper and model card; the handbook recipe now uses cosine
+    warmup_ratio: float = 0.1  # share of the step's updates spent warming up (Zephyr: 10 %)
+    epochs: float = 1.0  # ours: one per step (Zephyr's final model: 3 by its paper and model card; the recipe: 1)
     max_updates: Optional[int] = None  # if set, stop after this many optimizer updates (overrides epochs)
     per_device_batch_size: int = 8  # pairs per forward pass on each device
     gradient_accumulation: int = 1
-    max_grad_norm: Optional[float] = 1.0  # None: no clipping
-    weight_decay: float = 0.0
-    adam_beta1: float = 0.9
+    max_grad_norm: Optional[float] = 1.0  # None: no clipping (1.0: transformers' Trainer default, which Zephyr kept)
+    weight_decay: float = 0.0  # the Trainer default
+    adam_beta1: float = 0.9  # Adam's betas and epsilon: Zephyr's model card (the Trainer defaults)
     adam_beta2: float = 0.999
     adam_epsilon: float = 1.0e-8
     mixed_precision: MixedPrecision = MixedPrecision.no  # accelerate autocast; weights stay in model.dtype
@@ -772,7 +805,7 @@ def _split_problems(cfg: SdpoConfig) -> List[Problem]:
         if split.fractions is not None:
             problems.append(Problem("split.fractions", "not used by strategy 'natural'",
                                     "remove it, or pick split.strategy=random"))
-        return problems + _eval_fraction_problems(cfg)
+        return problems + _eval_fraction_problems(cfg) + _curriculum_score_problems(cfg)
     fractions, strategy = split.fractions, str(split.strategy)
     if not fractions:
         problems.append(Problem("split.fractions", f"strategy {strategy!r} needs fractions",
@@ -783,7 +816,14 @@ def _split_problems(cfg: SdpoConfig) -> List[Problem]:
     if split.steps is not None:
         problems.append(Problem("split.steps", f"only used by strategy 'natural', not {strategy!r}",
                                 "remove split.steps"))
-    return problems + _eval_fraction_problems(cfg)
+    return problems + _eval_fraction_problems(cfg) + _curriculum_score_problems(cfg)
+
+
+def _curriculum_score_problems(cfg: SdpoConfig) -> List[Problem]:
+    if cfg.split.curriculum_score != CurriculumScore.gamma and cfg.split.strategy != Strategy.curriculum:
+        return [Problem("split.curriculum_score", f"only used by strategy 'curriculum', not '{cfg.split.strategy}'",
+                        "remove it, or set split.strategy=curriculum")]
+    return []
 
 
 def _eval_fraction_problems(cfg: SdpoConfig) -> List[Problem]:
@@ -796,12 +836,53 @@ def _eval_fraction_problems(cfg: SdpoConfig) -> List[Problem]:
     return []
 
 
+F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")  # dpo.f_divergence_type
+# the losses TRL lets take another f-divergence: the f-DPO reparameterisation leaves β·log Z(x), which cancels only in
+# the chosen − rejected reward difference
+F_DIVERGENCE_LOSSES = ("sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft")
+
+
+def loss_names(loss: Any) -> List[Any]:
+    """dpo.loss as a list of names: `sigmoid` -> [sigmoid]; a list stays as it is."""
+    return list(loss) if isinstance(loss, (list, tuple, ListConfig)) else [loss]
+
+
 def _dpo_problems(cfg: SdpoConfig) -> List[Problem]:
     dpo, problems = cfg.dpo, []
     if dpo.beta <= 0:
-        problems.append(Problem("dpo.beta", "must be positive", "the paper uses 0.1"))
+        problems.append(Problem("dpo.beta", "must be positive", "0.1 is the default (Zephyr's paper: 0.1)"))
     if not 0 <= dpo.label_smoothing < 0.5:
         problems.append(Problem("dpo.label_smoothing", "must be in [0, 0.5)", "0 is plain DPO"))
+    names = loss_names(dpo.loss)
+    if not names:
+        problems.append(Problem("dpo.loss", "an empty list", "e.g. dpo.loss=sigmoid or dpo.loss=[sigmoid,sft]"))
+    unknown = [name for name in names if not isinstance(name, str) or name not in LOSSES]
+    problems += [dataclasses.replace(problem, hint=problem.hint + "; or a list of them, e.g. [sigmoid,sft]")
+                 for problem in (_choice_problem("dpo.loss", Loss, name) for name in unknown)]
+    names = [name for name in names if name not in unknown]
+    if dpo.loss_weights is not None and len(dpo.loss_weights) != len(names):
+        problems.append(Problem("dpo.loss_weights", f"{len(dpo.loss_weights)} weights for {len(names)} losses",
+                                "one weight per dpo.loss entry, e.g. dpo.loss=[sigmoid,sft] "
+                                "dpo.loss_weights=[1.0,0.5]; or null for 1.0 each"))
+    if "exo_pair" in names and dpo.label_smoothing == 0:
+        problems.append(Problem("dpo.label_smoothing", "must be above 0 for loss exo_pair (its ε)",
+                                "the EXO paper recommends dpo.label_smoothing=0.001"))
+    if dpo.ld_alpha is not None and not 0 <= dpo.ld_alpha <= 1:
+        problems.append(Problem("dpo.ld_alpha", f"{dpo.ld_alpha} must be in [0, 1]",
+                                "LD-DPO's α, e.g. dpo.ld_alpha=0.5; null: off"))
+    if dpo.f_divergence_type not in F_DIVERGENCES:
+        problems.append(Problem("dpo.f_divergence_type", f"unknown f-divergence {dpo.f_divergence_type!r}",
+                                "use one of " + " | ".join(F_DIVERGENCES)))
+    elif dpo.f_divergence_type != "reverse_kl" and not set(names) <= set(F_DIVERGENCE_LOSSES):
+        others = ", ".join(str(n) for n in names if n not in F_DIVERGENCE_LOSSES)
+        problems.append(Problem("dpo.f_divergence_type", f"{dpo.f_divergence_type} does not apply to loss {others}",
+                                "only " + ", ".join(F_DIVERGENCE_LOSSES) + " take one; else "
+                                "dpo.f_divergence_type=reverse_kl"))
+    if dpo.use_weighting and {"aot", "aot_unpaired"} & set(names):
+        problems.append(Problem("dpo.use_weighting", "does not apply to aot / aot_unpaired: they sort the pairs, "
+                                "so per-pair weights would land on other pairs", "dpo.use_weighting=false"))
+    if dpo.discopop_tau <= 0:
+        problems.append(Problem("dpo.discopop_tau", "must be positive", "the DiscoPOP paper uses 0.05"))
     if not dpo.reference:
         problems.append(Problem("dpo.reference", "empty", f"use {' | '.join(STARTS)} | a model path"))
     return problems

@@ -94,6 +94,11 @@ def _model(source: str, identity: str, run: RunDir | None) -> dict:
     return {"model": where, "identity": identity}
 
 
+# (section, key, default) of split-fingerprint keys added after runs existed: left out of the hash at their default
+ADDED_AT_DEFAULT = (("data", "drop_ties", False), ("split", "curriculum_score", "gamma"))
+PROMPT_CUT = "max_prompt_length=content-cut"  # how data.max_prompt_length cuts (tokenize.cut_prompt)
+
+
 def split_fp(cfg: SdpoConfig, tok) -> Fingerprint:
     files = {}
     sources = []
@@ -108,15 +113,21 @@ def split_fp(cfg: SdpoConfig, tok) -> Fingerprint:
     config = section(cfg, "data", "split")
     if not config["split"]["eval_fraction"]:  # added after 0.1.0: runs without held-out pairs keep their fingerprint
         del config["split"]["eval_fraction"]
+    for sect, key, default in ADDED_AT_DEFAULT:  # keys added later: at their defaults the fingerprint is as before
+        if config[sect].get(key, default) == default:
+            config[sect].pop(key, None)
     keys = flat(config) | {"seed": cfg.seed}
+    # data.max_prompt_length cuts the prompt's content, no longer its ids from the left (which lost BOS and the
+    # template's framing): a split made with a prompt cap under the old rule is stale. Without a cap nothing changed.
+    rules = [PROMPT_CUT] if cfg.data.max_prompt_length is not None else []
     curriculum = None
     if cfg.split.strategy == "curriculum":
         base = model_identity(cfg.model.base, cfg.model.revision)
         curriculum = [base, numerics(cfg)]
         models["base model"] = _model(cfg.model.base, base, None)
         keys |= numeric_keys(cfg)
-    return Fingerprint(fingerprint("split", config, cfg.seed, tokenizer, sources, eval_source, curriculum),
-                       {"config": keys, "files": files, "models": models})
+    parts = ["split", config, cfg.seed, tokenizer, sources, eval_source, curriculum] + rules
+    return Fingerprint(fingerprint(*parts), {"config": keys, "files": files, "models": models, "rules": rules})
 
 
 def data_fp(run: RunDir, step: int | str) -> Fingerprint | None:
@@ -145,6 +156,25 @@ def reflogp_fp(cfg: SdpoConfig, run: RunDir, step: int) -> Fingerprint:
 NOT_WEIGHTS = ("logging_every", "report_to", "save_optimizer", "save_every", "eval_every")
 
 
+# dpo.* keys added after 0.1 (TRL's losses and modifiers, docs/losses.md) with their defaults: left out of the hash at
+# these values, so that the checkpoints of runs made before they existed stay current
+DPO_ADDED = {"loss_weights": None, "ld_alpha": None, "use_weighting": False, "f_divergence_type": "reverse_kl",
+             "f_alpha_divergence_coef": 0.5, "discopop_tau": 0.05}
+
+
+def dpo_hashed(dpo: dict) -> dict:
+    """The dpo section as train_fp hashes it: without the DPO_ADDED keys at their defaults, nor the ones that do not
+    apply (f_alpha_divergence_coef without alpha_divergence, discopop_tau without the discopop loss)."""
+    names = dpo.get("loss")
+    names = [names] if isinstance(names, str) else list(names or [])
+    unused = set()
+    if dpo.get("f_divergence_type", "reverse_kl") != "alpha_divergence":
+        unused.add("f_alpha_divergence_coef")
+    if "discopop" not in names:
+        unused.add("discopop_tau")
+    return {k: v for k, v in dpo.items() if k not in unused and not (k in DPO_ADDED and v == DPO_ADDED[k])}
+
+
 def train_fp(cfg: SdpoConfig, run: RunDir, step: int) -> Fingerprint:
     reflogp = read_meta(run.reflogp(step)) or {}
     config = section(cfg, "dpo", "train", "peft")
@@ -152,6 +182,7 @@ def train_fp(cfg: SdpoConfig, run: RunDir, step: int) -> Fingerprint:
     # dpo.reference / dpo.target_init enter through the models they name (reflogp's fingerprint, the init model's
     # identity), so step 1 of `target_init=base` and of `previous` (both start from S) is the same computation.
     config["dpo"] = {k: v for k, v in config["dpo"].items() if k not in ("reference", "target_init")}
+    config["dpo"] = dpo_hashed(config["dpo"])
     data, init = data_fp(run, step), target_init_model(cfg, run, step)
     start = model_identity(init, cfg.model.revision)
     parts = ["train", data, reflogp.get("fingerprint"), start, config, cfg.seed, numerics(cfg)]

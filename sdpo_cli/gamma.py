@@ -30,6 +30,7 @@ from sdpo_cli.data.tokenize import tokenize_pairs
 from sdpo_cli.errors import ConfigError, DataError, SdpoError
 from sdpo_cli.fingerprints import (
     NO_INPUTS,
+    PROMPT_CUT,
     data_fp,
     logps_fp,
     reflogp_fp,
@@ -187,11 +188,15 @@ def _load_data(cfg: SdpoConfig, run: RunDir, data: str, tok):
     path = Path(data)
     if not path.exists():
         raise DataError(f"--data {data}: not step-N, eval-step-N, eval or an existing file", hint="e.g. --data step-2")
-    loaded = load_pairs(SourceConfig(name=path.stem, path=str(path.resolve())))
+    loaded = load_pairs(SourceConfig(name=path.stem, path=str(path.resolve())), cfg.data.drop_ties)
     kept, _ = tokenize_pairs(tok, loaded.pairs, cfg.data.max_length, cfg.data.max_prompt_length)
     if not kept:
         raise DataError(f"{path}: no pair fits data.max_length", hint="raise data.max_length")
     identity = f"{file_fingerprint(path)}:{cfg.data.max_length}:{cfg.data.max_prompt_length}"
+    if cfg.data.max_prompt_length is not None:  # the prompt's content is cut now, not its ids (fingerprints.py)
+        identity += f":{PROMPT_CUT}"
+    if cfg.data.drop_ties:
+        identity += ":drop_ties"
     return datasets.Dataset.from_list(kept), identity
 
 

@@ -105,7 +105,9 @@ def init_yaml(model: Optional[str] = None, data: Optional[Sequence[str]] = None,
     out.append(_line("  # eval: {name: heldout, path: heldout.jsonl}", "held-out pairs (sdpo gamma --data eval)"))
     out += _entries(C.DataConfig, None, [
         ("max_length", data_d.max_length, "prompt + completion tokens; completions are cut from the right"),
-        ("max_prompt_length", data_d.max_prompt_length, "prompts are cut from the left to this; null: no cap"),
+        ("max_prompt_length", data_d.max_prompt_length,
+         "longer prompts lose text from the left of their content (BOS, template kept); null: no cap"),
+        ("drop_ties", getattr(data_d, "drop_ties", None), "skip rows whose chosen and rejected scores are equal"),
     ], indent=2)
     out.append("")
     out.append("split:")
@@ -115,10 +117,11 @@ def init_yaml(model: Optional[str] = None, data: Optional[Sequence[str]] = None,
         ("eval_fraction", getattr(split_d, "eval_fraction", None), "share of each step's pairs held out for eval/*"),
     ], indent=2)
     out.append(_line("  # fractions: [0.5, 0.5]", "stratified | random | curriculum: share of pairs per step"))
+    out.append(_line("  # curriculum_score: gamma", "curriculum: gamma | gamma_per_token (what it sorts by)"))
     out.append("")
     out.append("dpo:")
     out += _entries(C.DPOConfig, None, [
-        ("beta", dpo_d.beta, "β: how far the policy may move from the reference (the paper: 0.1)"),
+        ("beta", dpo_d.beta, "β: how far the policy may move from the reference (Zephyr's paper: 0.1)"),
         ("loss", dpo_d.loss, " | ".join(C.LOSSES)),
         ("label_smoothing", dpo_d.label_smoothing, "ε of cDPO (sigmoid) and robust; 0: plain DPO"),
         ("reference", dpo_d.reference, "previous: M_{t-1} (sDPO) | base: S | a model path or hub id"),
@@ -127,7 +130,7 @@ def init_yaml(model: Optional[str] = None, data: Optional[Sequence[str]] = None,
     out.append("")
     out.append("train:")
     out += _entries(C.TrainConfig, None, [
-        ("learning_rate", train_d.learning_rate, "peak AdamW rate (Zephyr / the paper); small models need more"),
+        ("learning_rate", train_d.learning_rate, "peak AdamW rate (Zephyr's 5e-7); small models need more"),
         ("lr_schedule", train_d.lr_schedule, " | ".join(C.SCHEDULES)),
         ("warmup_ratio", train_d.warmup_ratio, "share of each step's updates spent warming up"),
         ("epochs", train_d.epochs, "epochs over D_t per step"),

@@ -44,38 +44,53 @@ def _attention_inputs(model, batch: PairBatch) -> dict:
     return {"attention_mask": mask, "position_ids": batch.position_ids}
 
 
-def _chunk_forward(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """(token log-probs, logsumexp, the matmul's dtype) of one chunk; the fp32 logits are reused in place."""
+def _chunk_forward(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                   sum_sq: bool = False) -> tuple[torch.Tensor, ...]:
+    """(token log-probs, logsumexp, the matmul's dtype, log Σ_v p_v² or None) of one chunk; the fp32 logits are
+    reused in place. `sum_sq`: also log Σ_v p_v² per token (WPO's weights, dpo.use_weighting), without gradient."""
     logits = hidden @ weight.t()
     mm_dtype = logits.dtype  # bf16 under autocast: the backward recomputes in the same precision
     logits = logits.float()
     target_logits = logits.gather(-1, targets[:, None]).squeeze(-1)
     peak = logits.amax(dim=-1, keepdim=True)
-    lse = logits.sub_(peak).exp_().sum(dim=-1).log_().add_(peak.squeeze(-1))
-    return target_logits - lse, lse, mm_dtype
+    logits.sub_(peak)
+    # Σ p² = exp(2·peak − 2·lse) · Σ exp(2(l − peak))
+    sq = torch.logsumexp(2 * logits.detach(), dim=-1) if sum_sq else None
+    lse = logits.exp_().sum(dim=-1).log_().add_(peak.squeeze(-1))
+    if sq is not None:
+        sq = (sq + 2 * peak.squeeze(-1) - 2 * lse).detach()
+    return target_logits - lse, lse, mm_dtype, sq
 
 
 class _ChunkedHeadLogps(torch.autograd.Function):
     """log p(target | hidden) through a (V, H) head, one chunk of [chunk, V] fp32 logits alive at a time.
 
     Forward keeps only the per-token logsumexp; backward recomputes each chunk's logits (in the forward's matmul
-    precision), turns them into softmax - onehot in place, and accumulates the weight gradient in fp32.
+    precision), turns them into softmax - onehot in place, and accumulates the weight gradient in fp32. With
+    `sum_sq` the forward also returns log Σ_v p_v² per token, which has no gradient (WPO's weights are constants).
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk):
+    def forward(ctx, hidden, weight, targets, chunk, sum_sq=False):
         out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
         lse = torch.empty_like(out)
+        sq = torch.empty_like(out) if sum_sq else None
         mm_dtype = torch.float32
         for start in range(0, hidden.shape[0], chunk):
             end = start + chunk
-            out[start:end], lse[start:end], mm_dtype = _chunk_forward(hidden[start:end], weight, targets[start:end])
+            out[start:end], lse[start:end], mm_dtype, chunk_sq = _chunk_forward(hidden[start:end], weight,
+                                                                               targets[start:end], sum_sq)
+            if sum_sq:
+                sq[start:end] = chunk_sq
         ctx.save_for_backward(hidden, weight, targets, lse)
         ctx.chunk, ctx.mm_dtype = chunk, mm_dtype
+        if sum_sq:
+            ctx.mark_non_differentiable(sq)
+            return out, sq
         return out
 
     @staticmethod
-    def backward(ctx, grad_out):
+    def backward(ctx, grad_out, *_):
         hidden, weight, targets, lse = ctx.saved_tensors
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         dt = ctx.mm_dtype
@@ -98,7 +113,7 @@ class _ChunkedHeadLogps(torch.autograd.Function):
                     grad_w.addmm_(grad_logits.t(), h)
                 else:
                     grad_w += (grad_logits.t() @ h).float()
-        return grad_h, grad_w.to(weight.dtype) if need_w else None, None, None
+        return grad_h, grad_w.to(weight.dtype) if need_w else None, None, None, None
 
 
 def head_chunk(vocab_size: int) -> int:
@@ -107,15 +122,19 @@ def head_chunk(vocab_size: int) -> int:
 
 
 def chunked_token_logps(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                        chunk: int | None = None) -> torch.Tensor:
-    """log p(targets | hidden) for (K, H) hidden states and a (V, H) head, holding one chunk of logits at a time."""
+                        chunk: int | None = None, sum_sq: bool = False):
+    """log p(targets | hidden) for (K, H) hidden states and a (V, H) head, holding one chunk of logits at a time.
+    `sum_sq`: return (log-probs, log Σ_v p_v² per token without gradient) instead."""
     chunk = chunk or head_chunk(weight.shape[0])
     if hidden.shape[0] == 0:
-        return hidden.new_zeros(0, dtype=torch.float32)
+        empty = hidden.new_zeros(0, dtype=torch.float32)
+        return (empty, empty) if sum_sq else empty
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
-        return _ChunkedHeadLogps.apply(hidden, weight, targets, chunk)
-    return torch.cat([_chunk_forward(hidden[s:s + chunk], weight, targets[s:s + chunk])[0]
-                      for s in range(0, hidden.shape[0], chunk)])
+        return _ChunkedHeadLogps.apply(hidden, weight, targets, chunk, sum_sq)
+    parts = [_chunk_forward(hidden[s:s + chunk], weight, targets[s:s + chunk], sum_sq)
+             for s in range(0, hidden.shape[0], chunk)]
+    logps = torch.cat([p[0] for p in parts])
+    return (logps, torch.cat([p[3] for p in parts])) if sum_sq else logps
 
 
 def _engine_wrapped(model) -> bool:
@@ -177,18 +196,44 @@ def shared_mask(batch: PairBatch) -> torch.Tensor:
     return ((index - first[segment]) < shared[segment // 2]).float()
 
 
-def token_logps(model, batch: PairBatch) -> torch.Tensor:
-    """(K,) log p(token | everything before it) of every scored completion token (batch.targets), float32."""
+def token_logps(model, batch: PairBatch, sum_sq: bool = False):
+    """(K,) log p(token | everything before it) of every scored completion token (batch.targets), float32.
+    `sum_sq`: return (those, log Σ_v p_v² of each token's distribution, without gradient) instead (WPO)."""
     head = _plain_head(model)
     inputs = _attention_inputs(model, batch)
     if head is not None:
         hidden = model.get_decoder()(input_ids=batch.input_ids, use_cache=False, **inputs).last_hidden_state
         selected = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch.score_index)
-        return chunked_token_logps(selected, head.weight, batch.targets)
+        return chunked_token_logps(selected, head.weight, batch.targets, sum_sq=sum_sq)
     # exotic heads: full logits through the model's own forward (correct, not lean)
     logits = model(input_ids=batch.input_ids, use_cache=False, **inputs).logits
     selected = logits.reshape(-1, logits.shape[-1]).index_select(0, batch.score_index).float()
-    return selected.gather(-1, batch.targets[:, None]).squeeze(-1) - torch.logsumexp(selected, dim=-1)
+    lse = torch.logsumexp(selected, dim=-1)
+    logps = selected.gather(-1, batch.targets[:, None]).squeeze(-1) - lse
+    if not sum_sq:
+        return logps
+    with torch.no_grad():
+        return logps, torch.logsumexp(2 * selected, dim=-1) - 2 * lse
+
+
+def policy_logps(model, batch: PairBatch, *, shared: bool = False, weighting: bool = False) -> tuple:
+    """What training needs of the policy, from one forward pass: (chosen, rejected, chosen_shared, rejected_shared,
+    chosen_wpo, rejected_wpo), (B,) each. The shared sums (`shared`: LD-DPO) are over the first min(C, R) tokens as in
+    `completion_logps_shared`; the WPO terms (`weighting`) are each completion's mean over its tokens of
+    log p − log Σ_v p_v², without gradient (TRL's `aligned_logps`). What was not asked for is None."""
+    logps, sq = token_logps(model, batch, sum_sq=True) if weighting else (token_logps(model, batch), None)
+    sums = _segment_sums(logps, batch)
+    out = [sums[0::2], sums[1::2], None, None, None, None]
+    if shared:
+        shared_sums = _segment_sums(logps * shared_mask(batch), batch)
+        out[2:4] = shared_sums[0::2], shared_sums[1::2]
+    if weighting:
+        with torch.no_grad():
+            aligned = _segment_sums(logps.detach() - sq, batch)
+            lengths = torch.stack([batch.chosen_tokens, batch.rejected_tokens], dim=1).reshape(-1)
+            means = aligned / lengths.to(aligned.device).clamp(min=1)
+        out[4:6] = means[0::2], means[1::2]
+    return tuple(out)
 
 
 def _segment_sums(values: torch.Tensor, batch: PairBatch) -> torch.Tensor:
@@ -198,7 +243,8 @@ def _segment_sums(values: torch.Tensor, batch: PairBatch) -> torch.Tensor:
 
 
 class PairLogps(torch.nn.Module):
-    """The target as the engines should see it: forward(batch) = completion_logps(model, batch).
+    """The target as the engines should see it: forward(batch) = completion_logps(model, batch), or, with `shared`
+    (LD-DPO) or `weighting` (WPO), the 6-tuple of `policy_logps`.
 
     DDP, FSDP and DeepSpeed wrap THIS module, so their hooks (gradient all-reduce, parameter gathering) run around
     our lean path (decoder body + completion-only chunked head) instead of forcing the model's own forward with
@@ -206,13 +252,16 @@ class PairLogps(torch.nn.Module):
     the whole forward; under ZeRO-3 `_plain_head` sees a partitioned weight and takes the model's forward.
     """
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, *, shared: bool = False, weighting: bool = False):
         super().__init__()
         self.model = model
+        self.shared, self.weighting = shared, weighting
 
     @property
     def _no_split_modules(self):  # accelerate's FSDP auto-wrap reads the transformer block classes from here
         return getattr(self.model, "_no_split_modules", None)
 
-    def forward(self, batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, batch: PairBatch) -> tuple:
+        if self.shared or self.weighting:
+            return policy_logps(self.model, batch, shared=self.shared, weighting=self.weighting)
         return completion_logps(self.model, batch)

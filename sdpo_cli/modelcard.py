@@ -17,7 +17,7 @@ import os
 from pathlib import Path
 
 from sdpo_cli import __version__
-from sdpo_cli.config import SdpoConfig, num_steps, section
+from sdpo_cli.config import SdpoConfig, loss_names, num_steps, section
 
 PAPER = "[arXiv:2403.19270](https://arxiv.org/abs/2403.19270)"
 
@@ -72,13 +72,29 @@ def _model_of(cfg: SdpoConfig, choice: str, step: int) -> str:
     return f"{shown(choice)} (dpo.reference)"
 
 
+def _loss(cfg: SdpoConfig) -> str:
+    """The loss as the config sets it: `sigmoid`; `sigmoid` + 0.5 × `sft`; with its modifiers (docs/losses.md)."""
+    dpo = cfg.dpo
+    names = loss_names(dpo.loss)
+    weights = list(dpo.loss_weights) if dpo.loss_weights is not None else [1.0] * len(names)
+    terms = " + ".join(f"`{n}`" if w == 1.0 else f"{w:g} × `{n}`" for n, w in zip(names, weights))
+    extras = [f"label smoothing ε = {dpo.label_smoothing:g}" if dpo.label_smoothing else "",
+              f"NLL weight {dpo.nll_weight:g}" if dpo.nll_weight else "",
+              f"LD-DPO α = {dpo.ld_alpha:g}" if dpo.ld_alpha is not None else "",
+              "WPO weighting" if dpo.use_weighting else "",
+              f"f-divergence {dpo.f_divergence_type}" if dpo.f_divergence_type != "reverse_kl" else ""]
+    return f"DPO loss {terms}" + "".join(f", {e}" for e in extras if e)
+
+
 def _summary(cfg: SdpoConfig, meta: dict) -> str:
     step, steps = meta["step"], num_steps(cfg)
     lora = (f"\n- **LoRA:** r={cfg.peft.r}, alpha={cfg.peft.alpha}; the step's adapter is merged into these weights "
             "and kept in `adapter/`" if cfg.peft.enabled else "")
     check = meta["first"].get("check")
+    expected = meta["first"].get("check/expected_loss")  # logged since every TRL loss (docs/losses.md)
+    value = f", {expected:.6f}" if expected is not None else ""
     check_line = (f"\n- **Update-0 check:** {check} (target == reference there, so the loss must be its value at "
-                  "equal models: ln 2 for the sigmoid loss)" if check in ("ok", "FAILED") else "")
+                  f"equal models{value})" if check in ("ok", "FAILED") else "")
     return f"""# M_{step}: sDPO step {step} of {steps}
 
 This is M_{step}, the model after step {step} of {steps} of stepwise DPO (sDPO, Kim et al. 2024, {PAPER}), trained
@@ -89,7 +105,7 @@ model aligned by the step before as its reference, so that later steps learn aga
 - **This step:** {step} of {steps}; the target started from {_model_of(cfg, str(cfg.dpo.target_init), step)}
 - **Reference π_ref:** {_model_of(cfg, cfg.dpo.reference, step)}
 - **Training:** {meta['pairs']} preference pairs, {meta['updates']} optimizer updates ({meta['epochs']} epochs) on \
-{meta['world_size']} process(es); DPO loss `{cfg.dpo.loss}`, β = {cfg.dpo.beta}{lora}{check_line}
+{meta['world_size']} process(es); {_loss(cfg)}, β = {cfg.dpo.beta}{lora}{check_line}
 """
 
 

@@ -160,6 +160,26 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
                    "vocab.txt")
 
 
+# Hub ids of pretrained-only models (no instruction or preference tuning) that configs meet as a base: DPO, and sDPO's
+# M_0 = S, start from a supervised fine-tune. A short list of well-known ids, not a classifier (docs/configs.md).
+PRETRAINED_ONLY = ("upstage/SOLAR-10.7B-v1.0", "mistralai/Mistral-7B-v0.1", "mistralai/Mistral-7B-v0.3",
+                   "meta-llama/Llama-2-7b-hf", "meta-llama/Llama-2-13b-hf", "meta-llama/Meta-Llama-3-8B",
+                   "meta-llama/Llama-3.1-8B", "Qwen/Qwen2.5-7B")
+_warned_pretrained: set[str] = set()
+
+
+def warn_if_pretrained(cfg: ModelConfig, warn) -> bool:
+    """One `Warning:` line per process when model.base is a known pretrained-only hub id. True if it warned."""
+    base = cfg.base.strip().rstrip("/")
+    if base.lower() not in {m.lower() for m in PRETRAINED_ONLY} or base.lower() in _warned_pretrained:
+        return False
+    _warned_pretrained.add(base.lower())
+    warn(f"model.base {base} is a pretrained model, not a supervised fine-tune: DPO and sDPO start from an SFT model "
+         f"(the paper's S is SOLAR 10.7B + SFT); fine-tune it first and set model.base to that checkpoint "
+         f"(configs/sdpo_solar.yaml says how)")
+    return True
+
+
 def check_base(cfg: ModelConfig, weights: bool = True) -> None:
     """model.base, checked before any work: a local folder must hold a readable config.json, safetensors weights
     whose headers are valid and match the files' sizes (or pickle ones with model.allow_pickle), shards included, and

@@ -20,7 +20,15 @@ from sdpo_cli.context import RunContext
 from sdpo_cli.distributed import make_accelerator
 from sdpo_cli.errors import SdpoError
 from sdpo_cli.fingerprints import data_fp, logps_fp, reflogp_fp, require_data, require_step
-from sdpo_cli.models import check_base, disable_dropout, load_model, model_identity, reference_model, tokenizer_identity
+from sdpo_cli.models import (
+    check_base,
+    disable_dropout,
+    load_model,
+    model_identity,
+    reference_model,
+    tokenizer_identity,
+    warn_if_pretrained,
+)
 from sdpo_cli.rundir import RunDir, check_not_stale, writing
 from sdpo_cli.scoring import score_pairs_sharded
 from sdpo_cli.split import held_out_key
@@ -34,6 +42,7 @@ def run_reflogp(cfg: SdpoConfig, step: int, *, force: bool = False, ctx: RunCont
     run = RunDir(cfg.run_dir)
     require_step(cfg, step)
     check_base(cfg.model)
+    warn_if_pretrained(cfg.model, ctx.warn)  # once per process: `run` has warned at its split already
     tok = ctx.tokenizer(cfg.model)
     reference = reference_model(cfg, run, step)
     parts = [(require_data(cfg, run, step, tok, ctx), run.reflogp(step), reflogp_fp(cfg, run, step))]

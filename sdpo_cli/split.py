@@ -8,8 +8,11 @@ Strategies (split.strategy):
   stratified  every step keeps the sources' proportions, cut by split.fractions (the paper's "sDPO Strat.",
               16.67 % / 83.33 %)
   random      all pairs pooled, shuffled, cut by split.fractions
-  curriculum  pairs ordered easy -> hard by γ under the base model S (high γ: S already prefers the chosen reply),
-              then cut by split.fractions: an easy-to-hard reading of §2.2 beyond the paper's data-source split
+  curriculum  pairs ordered easy -> hard by a score under the base model S (split.curriculum_score: γ, or γ of
+              per-token log-probs; high: S already prefers the chosen reply), then cut by split.fractions. Ours, not
+              the paper's: an easy-to-hard reading of §2.2 beyond its data-source split. γ sums log-probs over the
+              reply, so it also measures the replies' length difference: the split reports the score's correlation
+              with it (chosen tokens − rejected tokens)
 
 Held-out pairs (the eval/* metrics of `train`): split.eval_fraction of each D_t, drawn with the seed, is written as
 data/eval-step-t and left out of data/step-t; or data.eval, written once as data/eval, serves every step.
@@ -29,8 +32,8 @@ from rich.table import Table
 
 from sdpo_cli.config import SdpoConfig, num_steps
 from sdpo_cli.context import RunContext
-from sdpo_cli.data.formats import LoadedSource, load_pairs, prompt_hash
-from sdpo_cli.data.tokenize import tokenize_pairs
+from sdpo_cli.data.formats import LoadedSource, _row_ref, load_pairs, prompt_hash
+from sdpo_cli.data.tokenize import TokenizeStats, tokenize_pairs
 from sdpo_cli.errors import DataError
 from sdpo_cli.rundir import RunDir, check_not_stale, read_meta, writing
 
@@ -63,11 +66,12 @@ def _run_split(cfg: SdpoConfig, *, force: bool, ctx: RunContext) -> list[Path]:
     # Imported here, not at the top: `sdpo split` loads the config first, and a config mistake should not wait for
     # torch and transformers to import.
     from sdpo_cli.fingerprints import split_fp
-    from sdpo_cli.models import check_base
+    from sdpo_cli.models import check_base, warn_if_pretrained
 
     started = time.time()
     run = RunDir(cfg.run_dir)
     check_base(cfg.model)  # a base without weights or tokenizer stops here, not after the split
+    warn_if_pretrained(cfg.model, ctx.warn)
     run.ensure()
     tok = ctx.tokenizer(cfg.model)
     fp = split_fp(cfg, tok)
@@ -76,16 +80,18 @@ def _run_split(cfg: SdpoConfig, *, force: bool, ctx: RunContext) -> list[Path]:
         ctx.info(f"split: finished already ({run.rel(paths[0].parent)}), skipping")
         return paths
 
-    loaded = [load_pairs(s) for s in cfg.data.sources]
+    loaded = [load_pairs(s, cfg.data.drop_ties) for s in cfg.data.sources]
+    curriculum: dict = {}
     with ctx.progress() as bar:
         counts: dict[str, Counter] = {}
         pools: dict[str, list[dict]] = {}
         for src in loaded:
-            kept, dropped = tokenize_pairs(tok, src.pairs, cfg.data.max_length, cfg.data.max_prompt_length, bar)
+            stats = TokenizeStats()
+            kept, dropped = tokenize_pairs(tok, src.pairs, cfg.data.max_length, cfg.data.max_prompt_length, bar,
+                                           stats=stats)
             pools[src.name] = kept
-            counts[src.name] = Counter(read=src.rows_read, kept=len(kept), dropped_too_long=dropped,
-                                       truncated=sum(p["truncated"] for p in kept), **src.skipped)
-        steps = _assign(cfg, pools, tok, bar, ctx)
+            counts[src.name] = _counts(src, kept, dropped, stats, ctx)
+        steps = _assign(cfg, pools, tok, bar, ctx, curriculum)
     for t, rows in enumerate(steps, start=1):
         if not rows:
             raise _empty_step(cfg, t, loaded, counts, ctx.config_path)
@@ -93,13 +99,14 @@ def _run_split(cfg: SdpoConfig, *, force: bool, ctx: RunContext) -> list[Path]:
     steps = [kept for kept, _ in held_out]
 
     overlap = _overlap(steps)
-    _print_table(cfg, steps, counts, overlap, ctx, held_out=[len(rows) for _, rows in held_out])
+    _print_table(cfg, steps, counts, overlap, ctx, held_out=[len(rows) for _, rows in held_out],
+                 curriculum=curriculum)
     for t, rows in enumerate(steps, start=1):
         meta = {"stage": "split", "step": t, "started": started, "fingerprint": fp, "strategy": cfg.split.strategy,
                 "inputs": fp.inputs, "rows": len(rows),
                 "rows_per_source": dict(Counter(r["source"] for r in rows)),
                 "sources": {n: dict(c) for n, c in counts.items()}, "formats": {s.name: s.format for s in loaded},
-                "overlap": overlap}
+                "overlap": overlap} | ({"curriculum": curriculum} if curriculum else {})
         _save(rows, run.data(t), meta)
         if cfg.split.eval_fraction:
             rows = held_out[t - 1][1]
@@ -114,6 +121,29 @@ def _run_split(cfg: SdpoConfig, *, force: bool, ctx: RunContext) -> list[Path]:
     for p in paths:
         ctx.info(f"split: wrote {p} ({read_meta(p)['rows']} pairs)")
     return paths
+
+
+# Counts of a source besides read / kept / truncated / dropped / skipped reasons: in meta.json only where non-zero
+NOT_SKIPS = ("read", "kept", "truncated", "dropped_too_long", "prompt_cut", "prompt_not_prefix")
+
+
+def _counts(src: LoadedSource, kept: list[dict], dropped: int, stats: TokenizeStats, ctx: RunContext) -> Counter:
+    """A source's counts for the split report and meta.json; warns once when prompts are not token prefixes."""
+    counts = Counter(read=src.rows_read, kept=len(kept), dropped_too_long=dropped,
+                     truncated=sum(p["truncated"] for p in kept), **src.skipped)
+    if stats.prompt_cut:
+        counts["prompt_cut"] = stats.prompt_cut
+    if stats.prompt_not_prefix:
+        counts["prompt_not_prefix"] = stats.prompt_not_prefix
+        pair_id, lost = stats.example
+        row = _row_ref(src.where, int(pair_id.rsplit("-", 1)[1]))
+        ctx.warn(f"split: source '{src.name}': in {stats.prompt_not_prefix} of {len(src.pairs)} pairs the tokenized "
+                 f"prompt is not a prefix of the tokenized prompt + reply (first: {src.where}:{row}, whose prompt "
+                 f"ends in {lost!r}); the completion starts where they diverge, so that end of the prompt is left out "
+                 "and the model trains on a context that differs from the one it sees at inference (as TRL 1.16, "
+                 "which warns once). Use a chat template that renders the generation prompt as a prefix of the "
+                 "conversation, or end the prompts on a token boundary")
+    return counts
 
 
 def _empty_step(cfg: SdpoConfig, t: int, loaded: list[LoadedSource], counts: dict[str, Counter],
@@ -135,13 +165,15 @@ def _empty_step(cfg: SdpoConfig, t: int, loaded: list[LoadedSource], counts: dic
 
 def _save_eval_source(cfg: SdpoConfig, tok, path: Path, meta: dict, ctx: RunContext) -> None:
     """data.eval, tokenised as the steps' pairs and written whole to data/eval: every step's held-out pairs."""
-    src: LoadedSource = load_pairs(cfg.data.eval)
-    kept, dropped = tokenize_pairs(tok, src.pairs, cfg.data.max_length, cfg.data.max_prompt_length)
+    src: LoadedSource = load_pairs(cfg.data.eval, cfg.data.drop_ties)
+    stats = TokenizeStats()
+    kept, dropped = tokenize_pairs(tok, src.pairs, cfg.data.max_length, cfg.data.max_prompt_length, stats=stats)
     if not kept:
         raise DataError(f"{src.where}: no eval pair fits data.max_length", hint="raise data.max_length")
     ctx.info(f"  held out for eval/* (data.eval, {src.name}): read {src.rows_read}, kept {len(kept)}, dropped "
              f"(too long) {dropped}" + (f", skipped {dict(src.skipped)}" if any(src.skipped.values()) else ""))
-    counts = Counter(read=src.rows_read, kept=len(kept), dropped_too_long=dropped, **src.skipped)
+    counts = _counts(src, kept, dropped, stats, ctx)
+    del counts["truncated"]  # as before: data/eval's meta.json never counted truncated pairs
     _save(kept, path, meta | {"rows": len(kept), "sources": {src.name: dict(counts)}})
 
 
@@ -175,7 +207,8 @@ def _cut(items: list, fractions: list[float]) -> list[list]:
     return [items[a:b] for a, b in zip(bounds, bounds[1:])]
 
 
-def _assign(cfg: SdpoConfig, pools: dict[str, list[dict]], tok, bar, ctx: RunContext) -> list[list[dict]]:
+def _assign(cfg: SdpoConfig, pools: dict[str, list[dict]], tok, bar, ctx: RunContext,
+            curriculum: dict) -> list[list[dict]]:
     rng = random.Random(cfg.seed)
     strategy, fractions = cfg.split.strategy, cfg.split.fractions
     if strategy == "natural":
@@ -198,15 +231,40 @@ def _assign(cfg: SdpoConfig, pools: dict[str, list[dict]], tok, bar, ctx: RunCon
     if strategy == "random":
         rng.shuffle(pooled)
         return _cut(pooled, fractions)
-    # curriculum: γ under the base model S, easy (high γ) first
-    gammas = _base_gammas(cfg, pooled, tok, bar, ctx)
-    for row, g in zip(pooled, gammas):
+    # curriculum: a score under the base model S, easy (high score) first
+    chosen, rejected = _base_logps(cfg, pooled, tok, bar, ctx)
+    scores = curriculum_scores(chosen, rejected, pooled)
+    for row, g, gt in zip(pooled, scores["gamma"], scores["gamma_per_token"]):
         row["gamma_base"] = g
-    order = sorted(range(len(pooled)), key=lambda i: -gammas[i])
+        if cfg.split.curriculum_score == "gamma_per_token":
+            row["gamma_base_per_token"] = gt
+    length_diff = [len(r["chosen_ids"]) - len(r["rejected_ids"]) for r in pooled]
+    curriculum.update(score=str(cfg.split.curriculum_score), pairs=len(pooled),
+                      length_correlation={name: pearson(values, length_diff) for name, values in scores.items()})
+    key = scores[str(cfg.split.curriculum_score)]
+    order = sorted(range(len(pooled)), key=lambda i: -key[i])
     return _cut([pooled[i] for i in order], fractions)
 
 
-def _base_gammas(cfg: SdpoConfig, pairs: list[dict], tok, bar, ctx: RunContext) -> list[float]:
+def curriculum_scores(chosen: list[float], rejected: list[float], pairs: list[dict]) -> dict[str, list[float]]:
+    """Each split.curriculum_score per pair: `gamma` = log π_S(y_w|x) − log π_S(y_l|x) (sums over the completion
+    tokens), `gamma_per_token` = the same with each sum divided by its completion's token count."""
+    per_token = [c / len(p["chosen_ids"]) - r / len(p["rejected_ids"]) for c, r, p in zip(chosen, rejected, pairs)]
+    return {"gamma": [c - r for c, r in zip(chosen, rejected)], "gamma_per_token": per_token}
+
+
+def pearson(x: list[float], y: list[float]) -> float | None:
+    """Pearson's correlation of x and y; None when either is constant or there are fewer than 2 values."""
+    n = len(x)
+    if n < 2:
+        return None
+    mx, my = sum(x) / n, sum(y) / n
+    sxy = sum((a - mx) * (b - my) for a, b in zip(x, y))
+    sxx, syy = sum((a - mx) ** 2 for a in x), sum((b - my) ** 2 for b in y)
+    return sxy / (sxx * syy) ** 0.5 if sxx > 0 and syy > 0 else None
+
+
+def _base_logps(cfg: SdpoConfig, pairs: list[dict], tok, bar, ctx: RunContext) -> tuple[list[float], list[float]]:
     from accelerate import Accelerator
 
     from sdpo_cli.collate import resolve_layout
@@ -220,7 +278,7 @@ def _base_gammas(cfg: SdpoConfig, pairs: list[dict], tok, bar, ctx: RunContext) 
                                    device=accelerator.device, autocast=accelerator.autocast, progress=bar,
                                    description="curriculum: γ under base",
                                    layout=resolve_layout(cfg.train.layout, model, cfg.data.max_length, warn=ctx.warn))
-    return [c - r for c, r in zip(chosen, rejected)]
+    return chosen, rejected
 
 
 def _overlap(steps: list[list[dict]]) -> dict:
@@ -235,7 +293,7 @@ def _overlap(steps: list[list[dict]]) -> dict:
 
 
 def _print_table(cfg: SdpoConfig, steps: list[list[dict]], counts: dict[str, Counter], overlap: dict,
-                 ctx: RunContext, held_out: list[int]) -> None:
+                 ctx: RunContext, held_out: list[int], curriculum: dict) -> None:
     names = list(counts)
     table = Table(title=f"sDPO steps ({cfg.split.strategy})", title_justify="left")
     table.add_column("step")
@@ -253,8 +311,20 @@ def _print_table(cfg: SdpoConfig, steps: list[list[dict]], counts: dict[str, Cou
         ctx.info(f"  held out for eval/* (split.eval_fraction={cfg.split.eval_fraction:g}): "
                  + ", ".join(f"data/eval-step-{t} {n}" for t, n in enumerate(held_out, start=1)))
     for name, c in counts.items():
-        skipped = {k: v for k, v in c.items() if k not in ("read", "kept", "truncated", "dropped_too_long") and v}
+        skipped = {k: v for k, v in c.items() if k not in NOT_SKIPS and v}
+        extra = "".join(f", {label} {c[key]}" for key, label in (("prompt_cut", "prompts cut"),
+                                                                 ("prompt_not_prefix", "prompts not a token prefix"))
+                        if c.get(key))
         ctx.info(f"  {name}: read {c['read']}, kept {c['kept']}, truncated {c['truncated']}, "
-                     f"dropped (too long) {c['dropped_too_long']}" + (f", skipped {skipped}" if skipped else ""))
+                 f"dropped (too long) {c['dropped_too_long']}" + (f", skipped {skipped}" if skipped else "") + extra)
+    if curriculum:
+        r = curriculum["length_correlation"]
+        ctx.info(f"  curriculum: sorted by {curriculum['score']}; correlation with the length difference (chosen − "
+                 f"rejected tokens) over {curriculum['pairs']} pairs: "
+                 + ", ".join(f"{name} {_r(v)}" for name, v in r.items()))
     ctx.info(f"  pairs in more than one step: {overlap['pairs_in_several_steps']}; "
                  f"prompts in more than one step: {overlap['prompts_in_several_steps']}")
+
+
+def _r(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:+.2f}"

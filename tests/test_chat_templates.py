@@ -14,7 +14,7 @@ import pytest
 from jinja2.exceptions import TemplateError
 
 from sdpo_cli.config import CHAT_TEMPLATE_NAMES, ModelConfig
-from sdpo_cli.data.tokenize import tokenize_pair
+from sdpo_cli.data.tokenize import common_prefix_length, encode_pair, tokenize_pair
 from sdpo_cli.models import CHAT_TEMPLATES, DEFAULT_CHAT_TEMPLATE, load_tokenizer
 from tests.conftest import SHARED_FIXTURES, build_tokenizer
 
@@ -219,3 +219,26 @@ def test_mistral_gives_the_inst_ids_of_mistral_common(mistral_folder):
     with_system = ids(tok, [{"role": "system", "content": S}, *conversation])
     assert with_system[:4] == [1, 733, 16289, 28793]
     assert with_system == [1, *sp.encode(f"[INST] {S}\n\nHello [/INST]"), *sp.encode("Hi there"), 2]
+
+
+def _common_suffix(a: list[int], b: list[int]) -> int:
+    return common_prefix_length(a[::-1], b[::-1])
+
+
+@pytest.mark.parametrize("name", CHAT_TEMPLATE_NAMES)
+def test_a_prompt_cut_to_max_prompt_length_keeps_the_templates_framing(mistral_folder, name):
+    """data.max_prompt_length cuts text from the left of the prompt's content, never its framing: the cut prompt
+    starts with the tokens before the first message's text (BOS, the first header) and ends with those after the
+    last one (the assistant header), fits the cap, and is still a token prefix of prompt + reply."""
+    tok = mistral_tokenizer(mistral_folder, name)
+    cap = 48
+    for prompt in real_prompts():
+        prompt = [*prompt[:-1], {**prompt[-1], "content": prompt[-1]["content"] * 8}]
+        whole = ids(tok, prompt, generation=True)
+        assert len(whole) > cap
+        framing = ids(tok, [{**m, "content": ""} for m in prompt], generation=True)
+        head, tail = common_prefix_length(framing, whole), _common_suffix(framing, whole)
+        e = encode_pair(tok, prompt, "Yes. It is 5.", "No idea\n, sorry!", "chat", max_prompt_length=cap)
+        assert e.fits and e.prompt_cut and e.lost is None and cap - 8 <= len(e.prompt_ids) <= cap
+        assert e.prompt_ids[:head] == whole[:head] and e.prompt_ids[-tail:] == whole[-tail:]
+        assert whole[0] != tok.bos_token_id or e.prompt_ids[0] == tok.bos_token_id

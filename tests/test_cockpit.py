@@ -202,3 +202,27 @@ def test_a_card_names_hub_models_and_data_in_its_front_matter(tmp_path):
     assert "| uf | `org/prefs`, split train_prefs | 10 |" in card
     assert "| last logged | 1 | 0.5000 | 0.2500 |" in card and "1.5000" in card
     assert "Update-0 check" not in card  # skipped: target init != reference
+
+
+def test_a_card_states_the_loss_as_configured_and_the_update0_value(tmp_path):
+    """A list of losses with weights and modifiers reads as a sum, and the update-0 check shows the value it
+    compared with (docs/losses.md), not ln 2 whatever the loss."""
+    import yaml
+
+    from sdpo_cli.config import load_config
+    from sdpo_cli.modelcard import render
+
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump({
+        "run_dir": str(tmp_path / "run"), "model": {"base": "org/sft-model"},
+        "data": {"sources": [{"name": "uf", "path": "org/prefs"}]},
+        "dpo": {"loss": ["sigmoid", "sft"], "loss_weights": [1.0, 0.5], "ld_alpha": 0.5}}))
+    record = {"update": 0, "loss": 0.835957, "rewards/margins": 0.0, "check": "ok",
+              "check/expected_loss": 0.835957}
+    meta = {"step": 1, "pairs": 10, "updates": 2, "epochs": 1.0, "world_size": 1, "first": record,
+            "last": dict(record, update=1)}
+    card = render(load_config(path), meta=meta, data_meta={"rows": 10, "strategy": "natural"},
+                  ref_meta={"gamma_ref_mean": 1.5}, published=tmp_path / "run" / "checkpoints" / "step-1")
+    assert "; DPO loss `sigmoid` + 0.5 × `sft`, LD-DPO α = 0.5, β = 0.1" in card
+    assert "- **Update-0 check:** ok (target == reference there, so the loss must be its value at equal models, " \
+           "0.835957)" in card

@@ -84,6 +84,8 @@ def test_list_overrides(tmp_path):
     (["split.strategy=random", "split.fractions=[0.5,0.6]"], "must be positive and sum to 1"),
     (["split.steps=[[a],[nope]]"], "step 2 names unknown source 'nope'"),
     (["data.max_prompt_length=5000"], "data.max_prompt_length"),
+    (["split.curriculum_score=gamma_per_token"], "split.curriculum_score: only used by strategy 'curriculum'"),
+    (["split.curriculum_score=length"], "split.curriculum_score"),
     (["dpo.target_init=middle"], "dpo.target_init"),
     (["train.lr_schedule=step"], "train.lr_schedule"),
     (["beta"], "is not key=value"),
@@ -328,6 +330,7 @@ def test_docs_list_the_allowed_values_of_each_choice():
                                                                                      table, re.M)}
     expected = {"model.dtype": config.DTYPES, "model.quantization": config.QUANTIZATIONS,
                 "data.sources[].format": config.FORMATS, "split.strategy": config.STRATEGIES,
+                "split.curriculum_score": config.CURRICULUM_SCORES,
                 "dpo.loss": config.LOSSES, "dpo.reference": config.STARTS, "dpo.target_init": config.STARTS,
                 "train.lr_schedule": config.SCHEDULES, "train.mixed_precision": config.MIXED_PRECISIONS,
                 "train.layout": config.LAYOUTS, "model.chat_template": config.CHAT_TEMPLATE_NAMES}
@@ -375,7 +378,16 @@ def config_before_choices(tmp_path_factory):
 
 # keys added since BEFORE_CHOICES inside existing sections, with their defaults: the fingerprints leave them out at
 # these values (fingerprints.split_fp, NOT_WEIGHTS), so runs made before they existed stay current
-ADDED_KEYS = {"split": {"eval_fraction": 0.0}, "train": {"eval_every": 0}}
+ADDED_KEYS = {"data": {"drop_ties": False}, "split": {"eval_fraction": 0.0, "curriculum_score": "gamma"},
+              "train": {"eval_every": 0},
+              # TRL's losses and modifiers: train_fp leaves them out at these values (fingerprints.dpo_hashed)
+              "dpo": {"loss_weights": None, "ld_alpha": None, "use_weighting": False,
+                      "f_divergence_type": "reverse_kl", "f_alpha_divergence_coef": 0.5, "discopop_tau": 0.05}}
+
+
+def _yaml_value(value) -> str:
+    """A default as config.yaml writes it (false, 0.0, gamma)."""
+    return value if isinstance(value, str) else json.dumps(value)
 
 
 def serialised(module, cfg) -> tuple[str, str, str]:
@@ -384,7 +396,7 @@ def serialised(module, cfg) -> tuple[str, str, str]:
     text = module.to_yaml(cfg)
     for keys in ADDED_KEYS.values():
         for key, default in keys.items():
-            text = text.replace(f"  {key}: {default}\n", "")
+            text = text.replace(f"  {key}: {_yaml_value(default)}\n", "")
 
     def sections(*names):
         values = module.section(cfg, *names)
@@ -398,14 +410,17 @@ def serialised(module, cfg) -> tuple[str, str, str]:
 
 
 def test_added_keys_at_their_defaults_leave_every_fingerprint_as_it_was(tmp_path, monkeypatch):
-    """split.eval_fraction=0 and train.eval_every (any value) change no fingerprint: split_fp drops the first at 0,
-    train_fp never hashes the second (NOT_WEIGHTS)."""
+    """split.eval_fraction=0, data.drop_ties=false, split.curriculum_score=gamma and train.eval_every (any value)
+    change no fingerprint: split_fp drops the first three at these values, train_fp never hashes the last
+    (NOT_WEIGHTS)."""
     from sdpo_cli import fingerprints
 
     monkeypatch.chdir(tmp_path)
     cfg = load_config(FIXTURES)
     split = fingerprints.section(cfg, "data", "split")
-    del split["split"]["eval_fraction"]
+    for name in ("data", "split"):
+        for key, default in ADDED_KEYS[name].items():
+            assert split[name].pop(key) == default
     assert "eval_every" in fingerprints.NOT_WEIGHTS
     called = {}
     monkeypatch.setattr(fingerprints, "fingerprint", lambda *parts: called.setdefault("parts", parts))
@@ -413,6 +428,81 @@ def test_added_keys_at_their_defaults_leave_every_fingerprint_as_it_was(tmp_path
     monkeypatch.setattr(fingerprints, "tokenizer_identity", lambda tok: "tok")
     fingerprints.split_fp(cfg, None)
     assert called["parts"][1] == split
+
+
+def test_added_dpo_keys_at_their_defaults_leave_the_train_fingerprint_as_it_was(tmp_path, monkeypatch):
+    """The dpo keys of TRL's losses (ADDED_KEYS["dpo"]) are not hashed at their defaults, nor where they do not apply
+    (f_alpha_divergence_coef without alpha_divergence, discopop_tau without discopop), so train_fp of a run made
+    before they existed is unchanged; set, they are hashed."""
+    from sdpo_cli import fingerprints
+
+    monkeypatch.chdir(tmp_path)
+    called = {}
+    monkeypatch.setattr(fingerprints, "fingerprint", lambda *parts: called.setdefault("parts", parts))
+    monkeypatch.setattr(fingerprints, "data_fp", lambda run, step: "data")
+    monkeypatch.setattr(fingerprints, "target_init_model", lambda cfg, run, step: "init")
+    monkeypatch.setattr(fingerprints, "model_identity", lambda *a: "model")
+
+    def hashed_dpo(*overrides):
+        called.clear()
+        fingerprints.train_fp(load_config(FIXTURES, list(overrides)), fingerprints.RunDir(tmp_path), 1)
+        return called["parts"][4]["dpo"]
+
+    assert hashed_dpo() == {"beta": 0.1, "loss": "sigmoid", "label_smoothing": 0.0, "nll_weight": 0.0}
+    assert hashed_dpo("dpo.f_alpha_divergence_coef=0.3", "dpo.discopop_tau=0.1") == hashed_dpo()  # do not apply
+    assert hashed_dpo("dpo.loss=[sigmoid,sft]", "dpo.loss_weights=[1.0,0.5]", "dpo.ld_alpha=0.5")["loss_weights"] == [
+        1.0, 0.5]
+    assert hashed_dpo("dpo.f_divergence_type=alpha_divergence", "dpo.f_alpha_divergence_coef=0.3")[
+        "f_alpha_divergence_coef"] == 0.3
+    assert hashed_dpo("dpo.loss=discopop")["loss"] == "discopop"
+    assert hashed_dpo("dpo.loss=discopop", "dpo.discopop_tau=0.1")["discopop_tau"] == 0.1
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["dpo.loss=[sigmoid,kto]"], "dpo.loss: unknown loss 'kto'"),
+    (["dpo.loss=[sigmoid,sft]", "dpo.loss_weights=[1.0]"], "dpo.loss_weights: 1 weights for 2 losses"),
+    (["dpo.loss=exo_pair"], "dpo.label_smoothing: must be above 0 for loss exo_pair"),
+    (["dpo.ld_alpha=1.5"], "dpo.ld_alpha: 1.5 must be in [0, 1]"),
+    (["dpo.f_divergence_type=kl"], "dpo.f_divergence_type: unknown f-divergence 'kl'"),
+    (["dpo.loss=bco_pair", "dpo.f_divergence_type=forward_kl"], "forward_kl does not apply to loss bco_pair"),
+    (["dpo.loss=aot", "dpo.use_weighting=true"], "dpo.use_weighting: does not apply to aot"),
+    (["dpo.loss=discopop", "dpo.discopop_tau=0"], "dpo.discopop_tau: must be positive"),
+    (["dpo.loss=[]"], "dpo.loss: an empty list"),
+])
+def test_what_trl_refuses_is_refused_naming_the_key(tmp_path, overrides, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, BASE), overrides)
+    assert message in e.value.message and e.value.hint and e.value.exit_code == 2
+
+
+def test_loss_takes_a_name_or_a_list(tmp_path):
+    assert load_config(write(tmp_path, BASE), ["dpo.loss=ipo"]).dpo.loss == "ipo"
+    cfg = load_config(write(tmp_path, BASE), ["dpo.loss=[sigmoid,sft]", "dpo.loss_weights=[1.0,0.5]"])
+    assert cfg.dpo.loss == ["sigmoid", "sft"] and cfg.dpo.loss_weights == [1.0, 0.5]
+    assert type(cfg.dpo.loss[0]) is str
+    path = write(tmp_path, BASE.replace("dpo: {beta: 0.2}", "dpo: {beta: 0.2, loss: [sigmoid, bco_pair]}"))
+    assert load_config(path).dpo.loss == ["sigmoid", "bco_pair"]
+    for name in ("exo_pair", "nca_pair", "sppo_hard", "aot_unpaired", "apo_down", "sigmoid_norm"):
+        assert load_config(write(tmp_path, BASE), [f"dpo.loss={name}", "dpo.label_smoothing=0.1"]).dpo.loss == name
+
+
+def test_a_prompt_cap_marks_the_split_made_by_the_new_cut(tmp_path, monkeypatch):
+    """data.max_prompt_length now cuts the prompt's content (not its ids from the left): a split made with a cap is
+    stale, its reason a rule; without a cap the fingerprint's parts are what they were."""
+    from sdpo_cli import fingerprints
+
+    monkeypatch.chdir(tmp_path)
+    parts = []
+    monkeypatch.setattr(fingerprints, "fingerprint", lambda *p: parts.append(p) or str(len(parts)))
+    monkeypatch.setattr(fingerprints, "source_identity", lambda *a: "source")
+    monkeypatch.setattr(fingerprints, "tokenizer_identity", lambda tok: "tok")
+    capped = fingerprints.split_fp(load_config(FIXTURES), None)
+    uncapped = fingerprints.split_fp(load_config(FIXTURES, ["data.max_prompt_length=null"]), None)
+    assert parts[0][-1] == fingerprints.PROMPT_CUT and capped.inputs["rules"] == [fingerprints.PROMPT_CUT]
+    assert len(parts[1]) == 7 and uncapped.inputs["rules"] == []
+    before = {k: v for k, v in capped.inputs.items() if k != "rules"}  # a meta.json written before the rule
+    reasons = fingerprints.explain({"inputs": before}, capped)
+    assert reasons == [f"made by an earlier sdpo, which computed it another way ({fingerprints.PROMPT_CUT})"]
 
 
 @pytest.mark.parametrize("path,overrides", SERIALISED,

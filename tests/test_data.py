@@ -12,7 +12,7 @@ import pytest
 
 from sdpo_cli.config import ModelConfig, SourceConfig, load_config
 from sdpo_cli.data.formats import detect_format, load_pairs, pair_hash
-from sdpo_cli.data.tokenize import tokenize_pair, tokenize_pairs, truncate
+from sdpo_cli.data.tokenize import TokenizeStats, cut_prompt, tokenize_pair, tokenize_pairs, truncate
 from sdpo_cli.errors import DataError
 from sdpo_cli.split import run_split
 from tests.conftest import build_tokenizer, write_jsonl
@@ -342,14 +342,19 @@ def test_fallback_template_ends_turn_with_eos(tmp_path):
 
 def test_truncate_exact():
     prompt, chosen, rejected = list(range(1, 11)), list(range(11, 16)), list(range(21, 24))
-    out = truncate(prompt, chosen, rejected, max_length=8, max_prompt_length=4)
-    assert (out.prompt_ids, out.chosen_ids, out.rejected_ids, out.truncated) == (
-        [7, 8, 9, 10], [11, 12, 13, 14], [21, 22, 23], True)
+    # ids are never cut from the left: a prompt over the cap (which encode_pair could not cut) drops the pair
+    assert truncate(prompt, chosen, rejected, max_length=8, max_prompt_length=4) is None
     out = truncate(prompt[:3], chosen, rejected, max_length=8, max_prompt_length=4)
     assert (out.prompt_ids, out.chosen_ids, out.rejected_ids, out.truncated) == (
         [1, 2, 3], [11, 12, 13, 14, 15], [21, 22, 23], False)
+    out = truncate(prompt[:4], chosen, rejected, max_length=8, max_prompt_length=4)
+    assert (out.prompt_ids, out.chosen_ids, out.rejected_ids, out.truncated) == (
+        [1, 2, 3, 4], [11, 12, 13, 14], [21, 22, 23], True)
     assert truncate(prompt, chosen, rejected, max_length=10, max_prompt_length=None) is None  # no room
     assert truncate(prompt, chosen, rejected, max_length=11, max_prompt_length=None).chosen_ids == [11]
+
+
+CHATML_FRAMING = ("<|im_start|>user\n", "<|im_end|>\n<|im_start|>assistant\n")
 
 
 def test_tokenize_pairs_truncates_and_drops(tok):
@@ -360,19 +365,62 @@ def test_tokenize_pairs_truncates_and_drops(tok):
         {"id": "short", "prompt": [user("Hi")], "chosen": "Thank you!", "rejected": "No.", "template": "raw"},
     ]
     p, c, r = tokenize_pair(tok, pairs[0]["prompt"], pairs[0]["chosen"], pairs[0]["rejected"], "chat")
-    assert len(p) > 12 and len(c) > 8
-    kept, dropped = tokenize_pairs(tok, pairs, max_length=20, max_prompt_length=12)
-    assert dropped == 0
+    assert len(p) > 20 and len(c) > 8
+    stats = TokenizeStats()
+    kept, dropped = tokenize_pairs(tok, pairs, max_length=28, max_prompt_length=20, stats=stats)
+    assert dropped == 0 and (stats.prompt_cut, stats.prompt_not_prefix) == (1, 0)
     long, short = kept
-    assert long["prompt_ids"] == p[-12:]  # cut from the left: the end of the prompt stays next to the reply
+    # the prompt keeps the template's framing and loses text from the left of its content: no longer p[-20:]
+    text = tok.decode(long["prompt_ids"])
+    assert len(long["prompt_ids"]) <= 20 and long["prompt_ids"] != p[-20:]
+    assert text.startswith(CHATML_FRAMING[0]) and text.endswith(CHATML_FRAMING[1])
+    content = text[len(CHATML_FRAMING[0]):-len(CHATML_FRAMING[1])].removesuffix("<|im_end|>\n")
+    assert content.strip() and long_prompt.endswith(content.lstrip())  # the end of the question stays
+    full = tok.apply_chat_template([user(content), assistant(pairs[0]["chosen"])], tokenize=True, return_dict=True)
+    assert long["prompt_ids"] + c == list(full["input_ids"])  # the reply tokens are those of the uncut prompt
     assert long["chosen_ids"] == c[:8]  # cut from the right to max_length - prompt
     assert long["rejected_ids"] == r and len(r) <= 8
     assert long["truncated"] is True and short["truncated"] is False
     sp, sc, sr = tokenize_pair(tok, [user("Hi")], "Thank you!", "No.", "raw")
     assert (short["prompt_ids"], short["chosen_ids"], short["rejected_ids"]) == (sp, sc, sr)
+    # a cap below the template's own framing (13 tokens here) cannot be met by cutting content: dropped
+    kept, dropped = tokenize_pairs(tok, pairs, max_length=28, max_prompt_length=10)
+    assert dropped == 1 and [k["id"] for k in kept] == ["short"]
     # without a prompt cap, a prompt that fills max_length leaves no room: dropped and counted
     kept, dropped = tokenize_pairs(tok, pairs, max_length=len(p), max_prompt_length=None)
     assert dropped == 1 and [k["id"] for k in kept] == ["short"]
+
+
+def test_prompt_cut_takes_the_content_stream_from_the_left(tok):
+    """Messages' texts are one stream cut from its start: the system message goes first, and stays as an empty
+    turn; raw rows keep their BOS."""
+    prompt = [system("Be brief and kind."), user("What is 2 plus 3? " * 3)]
+    whole = cut_prompt(tok, prompt, "chat", 1000)
+    assert whole[0] is prompt  # under the cap: untouched
+    cut, ids = cut_prompt(tok, prompt, "chat", 30)
+    assert len(ids) <= 30 and cut[0] == system("") and cut[1]["role"] == "user"
+    assert prompt[1]["content"].endswith(cut[1]["content"].lstrip()) and cut[1]["content"].strip()
+    assert tok.decode(ids).startswith("<|im_start|>system\n<|im_end|>\n<|im_start|>user\n")
+    cut, ids = cut_prompt(tok, [user("What is 2 plus 3? " * 3)], "raw", 6)
+    assert ids[0] == tok.bos_token_id and len(ids) <= 6 and ids == tok(cut[0]["content"])["input_ids"]
+    assert cut_prompt(tok, [user("What is 2 plus 3?")], "chat", 13) is None  # the framing alone fills it
+
+
+NOT_A_PREFIX = ("{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}"
+                "{% if add_generation_prompt %}assistant:\n{% endif %}")  # the reply follows "assistant: "
+
+
+def test_a_prompt_that_is_not_a_token_prefix_is_counted(tmp_path):
+    tok = build_tokenizer(tmp_path / "tok", chat_template=NOT_A_PREFIX)
+    pairs = [{"id": f"s-{i}", "prompt": [user(f"Hi {i}")], "chosen": "Yes.", "rejected": "No.", "template": "chat"}
+             for i in range(3)]
+    stats = TokenizeStats()
+    kept, dropped = tokenize_pairs(tok, pairs, max_length=64, max_prompt_length=None, stats=stats)
+    assert dropped == 0 and stats.prompt_not_prefix == 3
+    assert stats.example[0] == "s-0" and stats.example[1].endswith("\n")  # the prompt's lost end: its newline
+    prompt = tok.apply_chat_template([user("Hi 0")], add_generation_prompt=True, tokenize=True, return_dict=True)
+    assert kept[0]["prompt_ids"] == list(prompt["input_ids"])[:len(kept[0]["prompt_ids"])]
+    assert len(kept[0]["prompt_ids"]) < len(prompt["input_ids"])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -478,6 +526,118 @@ def test_split_curriculum_orders_by_base_gamma(tiny_config):
     assert gammas[0] > gammas[-1]
 
 
+def test_split_curriculum_per_token_score_and_length_correlation(tiny_config, capsys):
+    """split.curriculum_score=gamma_per_token sorts by per-token γ; the split reports each score's correlation with
+    the replies' length difference, in meta.json and on stderr; the default sorts by γ as before."""
+    from sdpo_cli.split import pearson
+
+    path, run = tiny_config(**{"split.strategy": "curriculum", "split.fractions": [0.5, 0.5],
+                               "split.curriculum_score": "gamma_per_token"})
+    run_split(load_config(path))
+    (s1, m1), (s2, _) = read_step(run, 1), read_step(run, 2)
+    rows = s1.to_list() + s2.to_list()
+    scores = [r["gamma_base_per_token"] for r in rows]
+    assert all(x >= y for x, y in zip(scores, scores[1:])) and scores[0] > scores[-1]
+    diff = [len(r["chosen_ids"]) - len(r["rejected_ids"]) for r in rows]
+    report = m1["curriculum"]
+    assert (report["score"], report["pairs"]) == ("gamma_per_token", 32)
+    gammas = [r["gamma_base"] for r in rows]
+    assert report["length_correlation"]["gamma"] == pytest.approx(pearson(gammas, diff))
+    assert report["length_correlation"]["gamma_per_token"] == pytest.approx(pearson(scores, diff))
+    err = capsys.readouterr().err
+    assert "curriculum: sorted by gamma_per_token; correlation with the length difference" in err
+    path, run = tiny_config(**{"split.strategy": "curriculum", "split.fractions": [0.5, 0.5], "run_dir":
+                               str(path.parent / "default")})
+    run_split(load_config(path))
+    s1, m1 = read_step(path.parent / "default", 1)
+    assert m1["curriculum"]["score"] == "gamma" and "gamma_base_per_token" not in s1.column_names
+
+
+def test_pearson():
+    from sdpo_cli.split import pearson
+
+    assert pearson([1, 2, 3], [2, 4, 6]) == pytest.approx(1.0)
+    assert pearson([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
+    assert pearson([1, 1, 1], [1, 2, 3]) is None and pearson([1], [2]) is None
+
+
+def test_split_warns_once_per_source_when_prompts_are_not_token_prefixes(tiny_config, capsys):
+    path, run = tiny_config(**{"model.chat_template": NOT_A_PREFIX})
+    run_split(load_config(path))
+    err = capsys.readouterr().err
+    warnings = [line for line in err.splitlines() if line.startswith("Warning:")]
+    assert len(warnings) == 2, err  # one per source
+    assert "source 'a': in 16 of 16 pairs the tokenized prompt is not a prefix" in warnings[0]
+    assert f"(first: {path.parent / 'a.jsonl'}:1, whose prompt ends in" in warnings[0]
+    assert "prompts not a token prefix 16" in err
+    _, meta = read_step(run, 1)
+    assert meta["sources"]["a"]["prompt_not_prefix"] == 16 == meta["sources"]["b"]["prompt_not_prefix"]
+
+
+def test_split_without_the_warning_reports_no_prefix_count(tiny_config, capsys):
+    path, run = tiny_config()
+    run_split(load_config(path))
+    assert "Warning:" not in capsys.readouterr().err
+    assert "prompt_not_prefix" not in read_step(run, 1)[1]["sources"]["a"]
+
+
+UF_ROWS = [{"prompt": f"Q{i}?", "chosen": [user(f"Q{i}?"), assistant(f"Good {i}.")],
+            "rejected": [user(f"Q{i}?"), assistant(f"Bad {i}.")], "score_chosen": 8.0,
+            "score_rejected": 8.0 if i % 3 == 0 else 5.0} for i in range(9)]
+
+
+def test_drop_ties(tmp_path):
+    path = write_jsonl(tmp_path / "uf.jsonl", UF_ROWS)
+    assert len(load(path).pairs) == 9  # off by default: ties are kept
+    loaded = load_pairs(SourceConfig(name="s", path=str(path)), drop_ties=True)
+    assert [p["id"] for p in loaded.pairs] == [f"s-{i}" for i in range(9) if i % 3]
+    assert loaded.skipped == Counter({"tied scores (data.drop_ties)": 3})
+    argilla = [{"chosen": r["chosen"], "rejected": r["rejected"], "chosen-rating": r["score_chosen"],
+                "rejected-rating": r["score_rejected"]} for r in UF_ROWS]
+    loaded = load_pairs(SourceConfig(name="s", path=str(write_jsonl(tmp_path / "ar.jsonl", argilla))), drop_ties=True)
+    assert loaded.format == "argilla" and len(loaded.pairs) == 6
+    orca = load_pairs(SourceConfig(name="s", path=str(write_jsonl(tmp_path / "o.jsonl", ORCA_ROWS))), drop_ties=True)
+    assert len(orca.pairs) == 3  # no scores, nothing to tie
+
+
+def test_split_counts_dropped_ties(tiny_config, tmp_path, capsys):
+    uf = write_jsonl(tmp_path / "uf.jsonl", UF_ROWS)
+    path, run = tiny_config(**{"data.drop_ties": True, "data.sources": [
+        {"name": "a", "path": str(tmp_path / "a.jsonl")}, {"name": "uf", "path": str(uf)}]})
+    run_split(load_config(path))
+    _, meta = read_step(run, 2)
+    assert meta["sources"]["uf"] == {"read": 9, "kept": 6, "truncated": 0, "dropped_too_long": 0,
+                                     "tied scores (data.drop_ties)": 3}
+    assert "uf: read 9, kept 6, truncated 0, dropped (too long) 0, skipped {'tied scores (data.drop_ties)': 3}" \
+        in capsys.readouterr().err
+
+
+def test_split_warns_when_the_base_is_pretrained_only(tiny_config, capsys, monkeypatch):
+    from sdpo_cli import models
+
+    path, _ = tiny_config()
+    cfg = load_config(path)
+    monkeypatch.setattr(models, "PRETRAINED_ONLY", (*models.PRETRAINED_ONLY, cfg.model.base))
+    monkeypatch.setattr(models, "_warned_pretrained", set())
+    run_split(cfg)
+    run_split(cfg)  # finished already; the process has warned once
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("Warning:")]
+    assert len(warnings) == 1 and "is a pretrained model, not a supervised fine-tune" in warnings[0]
+
+
+def test_known_pretrained_ids_warn_once_and_others_not(monkeypatch):
+    from sdpo_cli import models
+
+    monkeypatch.setattr(models, "_warned_pretrained", set())
+    said = []
+    assert models.warn_if_pretrained(ModelConfig(base="upstage/SOLAR-10.7B-v1.0"), said.append)
+    assert not models.warn_if_pretrained(ModelConfig(base="upstage/solar-10.7b-v1.0"), said.append)  # once
+    assert not models.warn_if_pretrained(ModelConfig(base="upstage/SOLAR-10.7B-Instruct-v1.0"), said.append)
+    assert not models.warn_if_pretrained(ModelConfig(base="/models/solar-sft"), said.append)
+    assert models.warn_if_pretrained(ModelConfig(base="mistralai/Mistral-7B-v0.1"), said.append)
+    assert len(said) == 2 and "model.base upstage/SOLAR-10.7B-v1.0 is a pretrained model" in said[0]
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The real fixtures
 
@@ -510,6 +670,36 @@ def test_real_ultrafeedback_fixture(shared_fixtures):
         assert pair["chosen"] == row["chosen"][1]["content"]  # the assistant reply
         assert pair["rejected"] == row["rejected"][1]["content"]
         assert pair["template"] == "chat"
+
+
+def test_real_ultrafeedback_fixture_ties(shared_fixtures):
+    path = shared_fixtures / "ultrafeedback_binarized.sample.jsonl"
+    raw = [json.loads(line) for line in path.read_text().splitlines()]
+    ties = {i for i, r in enumerate(raw) if r["score_chosen"] == r["score_rejected"]}
+    assert len(ties) == 34
+    loaded = load_pairs(SourceConfig(name="s", path=str(path)), drop_ties=True)
+    # the row with identical replies is one of the ties: it is counted as a tie, the first reason that applies
+    assert loaded.skipped == Counter({"tied scores (data.drop_ties)": 34}) and len(loaded.pairs) == 266
+    assert not ties & {int(p["id"].split("-")[1]) for p in loaded.pairs}
+
+
+def test_real_fixtures_cut_prompts_keep_bos_and_framing(shared_fixtures, stories_dir):
+    """The reported case: the fixtures config (stories260K, the built-in solar template, max_prompt_length 128)
+    cut Orca prompts from the left down to 'tant:\\n'. Now every prompt starts with BOS and a header and ends with
+    the assistant header, within the cap."""
+    from sdpo_cli.models import load_tokenizer
+
+    tok = load_tokenizer(ModelConfig(base=str(stories_dir)))
+    for name in ("orca_dpo_pairs", "ultrafeedback_binarized"):
+        pairs = load(shared_fixtures / f"{name}.sample.jsonl").pairs[:40]
+        stats = TokenizeStats()
+        kept, dropped = tokenize_pairs(tok, pairs, max_length=256, max_prompt_length=128, stats=stats)
+        assert dropped == 0 and stats.prompt_cut > 0 and stats.prompt_not_prefix == 0
+        for pair in kept:
+            text = tok.decode(pair["prompt_ids"])
+            assert len(pair["prompt_ids"]) <= 128 and pair["prompt_ids"][0] == tok.bos_token_id
+            assert text.startswith(("<s> ### System:\n", "<s> ### User:\n")), text[:40]
+            assert text.endswith("\n\n### Assistant:\n") and "### User:\n" in text
 
 
 def test_tokenizer_is_loaded_once_per_run_context(tiny_model_dir, tmp_path):

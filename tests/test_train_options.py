@@ -209,6 +209,23 @@ def test_ln2_check_fails_loudly_on_wrong_reference_logps(prepared, tmp_path):
     assert warning in result.stderr, result.stderr
     assert "ln 2 check ok" not in result.stderr
     assert json.loads((copy / "checkpoints" / "step-1" / "meta.json").read_text())["first"]["check"] == "FAILED"
+    assert first["check/max_logp_diff"] == pytest.approx(1.0, abs=1e-4)  # every chosen reply is 1 off
+
+
+def test_update_0_check_sees_a_pair_whose_margin_hides_it(prepared, tmp_path):
+    """Both replies of every pair 0.5 off in the reference log-probs: every margin, and so the loss, is still exactly
+    as at target == reference (ln 2), but the per-reply |log π − log π_ref| (0.5) is far above float noise: FAILED."""
+    config, run = prepared
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    shift_reference(copy / "reflogp" / "step-1", "ref_chosen_logp", 0.5)
+    shift_reference(copy / "reflogp" / "step-1", "ref_rejected_logp", 0.5)
+    result = sdpo("train", "--step", "1", str(config), f"run_dir={copy}", "train.max_updates=1")
+    first = read_log(copy / "logs" / "train-step-1.jsonl")[0]
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-5) and first["check/expected_loss"] == math.log(2)
+    assert first["check/max_logp_diff"] == pytest.approx(0.5, abs=1e-4)
+    assert first["check"] == "FAILED"
+    assert "max |log π − log π_ref| per reply 5.00e-01" in result.stderr and "WARNING" in result.stderr
 
 
 def test_ln2_check_is_skipped_when_target_init_is_not_the_reference(prepared, after_step1, tmp_path):
@@ -434,3 +451,35 @@ def test_save_optimizer_writes_a_loadable_optimizer_state(prepared, tmp_path):
     assert not (tmp_path / "default" / "checkpoints" / "step-1" / "optimizer.pt").exists()
     assert not list((tmp_path / "default" / "checkpoints" / "step-1").glob("*.pt"))
     assert max_diff(w, weights(tmp_path / "default" / "checkpoints" / "step-1")) == 0  # saving changes no weight
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# dpo.ld_alpha on reference log-probs of an older sdpo
+
+
+def test_ld_alpha_needs_the_shared_columns_of_reflogp(prepared, tmp_path):
+    """reflogp/step-t written before the shared columns existed: train with dpo.ld_alpha stops with an error that
+    names the command adding them (reflogp --force); without ld_alpha it trains as before."""
+    from sdpo_cli import integrity
+
+    config, run = prepared
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    reflogp = copy / "reflogp" / "step-1"
+    old = datasets.load_from_disk(str(reflogp)).remove_columns(["ref_chosen_logp_shared", "ref_rejected_logp_shared"])
+    staging = reflogp.with_name("step-1-rewritten")
+    old.save_to_disk(str(staging))
+    del old
+    for f in staging.iterdir():
+        os.replace(f, reflogp / f.name)
+    staging.rmdir()
+    meta = json.loads((reflogp / "meta.json").read_text())
+    meta["files"] = integrity.manifest(reflogp)
+    (reflogp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    result = run_in_process("train", "--step", "1", str(config), f"run_dir={copy}", "dpo.ld_alpha=0.5")
+    assert result.returncode != 0
+    assert "Error:" in result.stderr and "ref_chosen_logp_shared" in result.stderr and "dpo.ld_alpha" in result.stderr
+    assert "reflogp" in result.stderr and "--step 1 --force" in result.stderr
+    assert not (copy / "checkpoints" / "step-1" / "meta.json").exists()
+    result = sdpo("train", "--step", "1", str(config), f"run_dir={copy}", "train.max_updates=1")
+    assert read_log(copy / "logs" / "train-step-1.jsonl")[0]["check"] == "ok", result.stderr

@@ -47,8 +47,13 @@ class _Skip(Exception):
     """A row we skip on purpose (counted, reported)."""
 
 
-def load_pairs(source: SourceConfig) -> LoadedSource:
-    """Read one source and return its canonical pairs, in source order."""
+TIED = "tied scores (data.drop_ties)"  # the skip reason of a row dropped by data.drop_ties
+SCORE_KEYS = (("score_chosen", "score_rejected"), ("chosen-rating", "rejected-rating"))
+
+
+def load_pairs(source: SourceConfig, drop_ties: bool = False) -> LoadedSource:
+    """Read one source and return its canonical pairs, in source order. `drop_ties` (data.drop_ties): skip rows whose
+    chosen and rejected scores are equal (formats with scores: ultrafeedback, argilla; other rows have none)."""
     dataset, where = _load_dataset(source)
     if len(dataset) == 0:
         in_split = "" if Path(source.path).suffix in FILE_BUILDERS else f" in split '{source.split}'"
@@ -64,6 +69,8 @@ def load_pairs(source: SourceConfig) -> LoadedSource:
     for i, row in _rows(dataset, where):
         try:
             prompt, chosen, rejected, template = converter(row, source)
+            if drop_ties and fmt in ("ultrafeedback", "argilla") and _tied(row):
+                raise _Skip(TIED)
             _check_text(prompt, chosen, rejected)
         except _Skip as reason:
             out.skipped[str(reason)] += 1
@@ -336,6 +343,16 @@ def _ultrafeedback(row: dict, source: SourceConfig):
         return _messages(row["prompt"], "prompt"), _reply(chosen_m, "chosen"), _reply(rejected_m, "rejected"), "chat"
     prompt, chosen, rejected = _split_conversations(chosen_m, rejected_m)
     return prompt, chosen, rejected, "chat"
+
+
+def _tied(row: dict) -> bool:
+    """The row's chosen and rejected scores are both given and equal (UltraFeedback's binarisation keeps such rows:
+    34 of the 300 fixture rows)."""
+    for chosen, rejected in SCORE_KEYS:
+        a, b = row.get(chosen), row.get(rejected)
+        if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+            return a == b
+    return False
 
 
 def _preference(row: dict, source: SourceConfig):
