@@ -122,8 +122,9 @@ def init_yaml(model: Optional[str] = None, data: Optional[Sequence[str]] = None,
     out.append("dpo:")
     out += _entries(C.DPOConfig, None, [
         ("beta", dpo_d.beta, "β: how far the policy may move from the reference (Zephyr's paper: 0.1)"),
-        ("loss", dpo_d.loss, " | ".join(C.LOSSES)),
-        ("label_smoothing", dpo_d.label_smoothing, "ε of cDPO (sigmoid) and robust; 0: plain DPO"),
+        ("loss", dpo_d.loss, "TRL's loss_type names (docs/losses.md): sigmoid | ipo | hinge | robust | sft | ..."),
+        ("loss_weights", dpo_d.loss_weights, "for a list: loss: [sigmoid, sft] with loss_weights: [1.0, 0.5]"),
+        ("label_smoothing", dpo_d.label_smoothing, "ε of cDPO (sigmoid), robust, exo_pair (needs > 0), aot; 0: plain"),
         ("reference", dpo_d.reference, "previous: M_{t-1} (sDPO) | base: S | a model path or hub id"),
         ("target_init", dpo_d.target_init, "where step t's target starts: previous (M_{t-1}) | base (S)"),
     ], indent=2)
