@@ -144,9 +144,8 @@ def setup(model_dirs, tmp_path_factory):  # noqa: F811
             "policy": policy, "reference": reference}
 
 
-def _trl_side(setup, keys: dict, leaf: torch.Tensor, dtype) -> tuple[torch.Tensor, dict]:
-    """TRL's compute_loss on the batch, with `leaf` (sdpo's per-token log-probs, in sdpo's order) as the policy's."""
-    trainer, batch = setup["trainer"], setup["batch"]
+def _set_loss_keys(trainer, keys: dict) -> None:
+    """The dpo keys of a case, as the DPOTrainer attributes that _compute_loss reads (one trainer serves every case)."""
     trainer.loss_types = list(keys["loss"])
     trainer.loss_weights = keys.get("loss_weights") or [1.0] * len(trainer.loss_types)
     trainer.label_smoothing = keys.get("label_smoothing", 0.0)
@@ -154,6 +153,12 @@ def _trl_side(setup, keys: dict, leaf: torch.Tensor, dtype) -> tuple[torch.Tenso
     trainer.use_weighting = keys.get("use_weighting", False)
     trainer.f_divergence_type = keys.get("f_divergence_type", "reverse_kl")
     trainer.f_alpha_divergence_coef = keys.get("f_alpha_divergence_coef", 0.5)
+
+
+def _trl_side(setup, keys: dict, leaf: torch.Tensor, dtype) -> tuple[torch.Tensor, dict]:
+    """TRL's compute_loss on the batch, with `leaf` (sdpo's per-token log-probs, in sdpo's order) as the policy's."""
+    trainer, batch = setup["trainer"], setup["batch"]
+    _set_loss_keys(trainer, keys)
     trainer.precompute_ref_logps = True
     shape = setup["shift"].shape
     index = (setup["rows"], setup["cols"])
@@ -352,12 +357,7 @@ def test_update_0_of_sdpo_train_equals_trl(e2e_run, setup, case, keys):
     assert first["update"] == 0 and first["pairs"] == len(STANDARD_ROWS) and first["check"] == "skipped"
 
     trainer, batch = setup["trainer"], setup["batch"]
-    trainer.loss_types = list(keys["loss"])
-    trainer.loss_weights = keys.get("loss_weights") or [1.0] * len(trainer.loss_types)
-    trainer.label_smoothing = keys.get("label_smoothing", 0.0)
-    trainer.ld_alpha = keys.get("ld_alpha")
-    trainer.use_weighting = keys.get("use_weighting", False)
-    trainer.f_divergence_type = keys.get("f_divergence_type", "reverse_kl")
+    _set_loss_keys(trainer, keys)
     trainer.precompute_ref_logps = False  # TRL's own reference forward
     trainer._metrics["eval"].clear()
     try:

@@ -19,6 +19,7 @@ import yaml
 
 from tests.conftest import ROOT, tiny_pairs, write_jsonl
 from tests.test_errors import run_in_process
+from tests.test_train_options import sdpo
 
 ARROW = "data-00000-of-00001.arrow"
 STAGES = ["data/step-1", "data/step-2", "reflogp/step-1", "checkpoints/step-1", "reflogp/step-2",
@@ -38,12 +39,6 @@ def write_config(folder: Path, model: Path, **train) -> Path:
     path = folder / "config.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
-
-
-def sdpo(*args: str):
-    result = run_in_process(*args)
-    assert result.returncode == 0, result.stderr
-    return result
 
 
 def status(*args: str) -> dict:
