@@ -280,7 +280,8 @@ def test_problems_are_reported_together(tmp_path):
     assert e.value.exit_code == 2 and "\n" not in e.value.message + e.value.hint
     assert e.value.message == (f"{path}: 2 problems: train.layout: unknown layout 'diagonal'; "
                                "dpo.beta: must be positive")
-    assert e.value.hint == "train.layout: use one of prefix | padded | packed; dpo.beta: the paper uses 0.1"
+    assert e.value.hint == ("train.layout: use one of prefix | padded | packed; "
+                            "dpo.beta: 0.1 is the default (Zephyr's paper: 0.1)")
 
     path = write(tmp_path, BASE + "train: {layout: diagonal, lr_schedule: step}\nsplit: {fractions: [0.5, 0.5]}\n")
     with pytest.raises(ConfigError) as e:
