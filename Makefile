@@ -82,6 +82,14 @@ clean:
 bench: install
 	$(PY) -m bench.cpu $(BENCH_ARGS)
 
+# Long pairs (issue 16; docs/performance.md "Long pairs"): sdpo's CLI vs TRL 1.16 at 1K, 4K and 8K tokens per sequence,
+# peak RSS of the whole command, CPU-s per update, longest pair within 4 GiB (bisected); runs/bench-long/bench_long.json
+# and docs/img/bench_long_memory.png. About 70 min on 2 shared cores; BENCH_LONG_ARGS=--quick for a smoke run (< 2 min),
+# e.g. BENCH_LONG_ARGS="--lengths 1024,4096 --no-search"
+.PHONY: bench-long
+bench-long: install
+	OMP_NUM_THREADS=1 $(PY) -m bench.long $(BENCH_LONG_ARGS)
+
 # ---- sdpo vs TRL on the lent GPU machine (bench/gpu.sh runs python -m bench.gpu; docs/performance.md "GPU"). That
 # machine has torch, accelerate, pyarrow, ... but no trl, datasets (+ dill, multiprocess, its fsspec) or omegaconf,
 # and an older transformers (+ regex; peft to match it). `make gpu-wheels` downloads these at this venv's versions as
