@@ -96,7 +96,7 @@ def test_the_defaults_are_the_schema_defaults_and_overrides_apply(tmp_path, monk
      "Error: --data and --run-dir: only for a start without CONFIG", "drop CONFIG: sdpo run --model MODEL"),
     # the first override lands where CONFIG would be: still an override
     (["--model", "org/m", "--data", "a.jsonl", "dpo.beta=0"], "Error: command line: dpo.beta: must be positive",
-     "the paper uses 0.1"),
+     "0.1 is the default"),
 ])
 def test_a_start_without_model_or_data_is_an_error_with_a_hint(args, error, hint):
     result = run_in_process("run", *args)
