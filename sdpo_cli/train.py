@@ -299,9 +299,9 @@ class PairCollator:
 
     def __call__(self, items: list[tuple[dict, bool]]) -> tuple[PairBatch, torch.Tensor, torch.Tensor]:
         batch = collate_pairs([row for row, _ in items], self.pad_id, self.layout)
-        ref = torch.tensor([[row["ref_chosen"], row["ref_rejected"], row.get("ref_chosen_shared", row["ref_chosen"]),
-                             row.get("ref_rejected_shared", row["ref_rejected"])] for row, _ in items],
-                           dtype=torch.float32)
+        # StepInputs._joined fills the shared sums (with the plain ones where an older reflogp has none)
+        columns = ("ref_chosen", "ref_rejected", "ref_chosen_shared", "ref_rejected_shared")
+        ref = torch.tensor([[row[c] for c in columns] for row, _ in items], dtype=torch.float32)
         weight = torch.tensor([float(real) for _, real in items])
         return batch, ref, weight
 

@@ -111,11 +111,17 @@ def test_the_eval_metrics_agree_with_gamma_and_reflogp(held_out_run):
     assert gammas["step-2"]["n"] == evals[-1]["eval/pairs"] == 4
 
 
-def test_data_eval_serves_every_step_under_its_own_reference(tmp_path, tiny_model_dir):
-    config = write_config(tmp_path, tiny_model_dir)
+def with_data_eval(tmp_path: Path, model: Path) -> Path:
+    """write_config's config with data.eval = 5 pairs of its own (held.jsonl)."""
+    config = write_config(tmp_path, model)
     cfg = yaml.safe_load(config.read_text())
     cfg["data"]["eval"] = {"name": "held", "path": str(write_jsonl(tmp_path / "held.jsonl", tiny_pairs(5, seed=9)))}
     config.write_text(yaml.safe_dump(cfg))
+    return config
+
+
+def test_data_eval_serves_every_step_under_its_own_reference(tmp_path, tiny_model_dir):
+    config = with_data_eval(tmp_path, tiny_model_dir)
     result = sdpo("run", str(config), "train.max_updates=2")
     assert "held out for eval/* (data.eval, held): read 5, kept 5" in result.stderr
     run = tmp_path / "run"
@@ -153,9 +159,6 @@ def test_bad_held_out_settings_are_config_errors(tmp_path, tiny_model_dir, overr
 
 
 def test_data_eval_and_eval_fraction_together_are_a_config_error(tmp_path, tiny_model_dir):
-    config = write_config(tmp_path, tiny_model_dir)
-    cfg = yaml.safe_load(config.read_text())
-    cfg["data"]["eval"] = {"name": "held", "path": str(write_jsonl(tmp_path / "held.jsonl", tiny_pairs(5, seed=9)))}
-    config.write_text(yaml.safe_dump(cfg))
+    config = with_data_eval(tmp_path, tiny_model_dir)
     result = run_in_process("split", str(config), "split.eval_fraction=0.1")
     assert result.returncode == 2 and "and data.eval both name held-out pairs" in result.stderr, result.stderr
