@@ -22,8 +22,10 @@ Setup (docs/performance.md, "Long pairs"):
             bf16=False; `trl_precompute`: the same + precompute_ref_log_probs=True (bench.common.run_trl).
   sdpo      the CLI, `python -m sdpo_cli run CONFIG` (split, reflogp, train, checkpoint save, loss plot) on a generated
             config: split random [1.0], train.per_device_batch_size=1, train.max_updates=2, layout prefix, length
-            grouping, inference.batch_size=1, save_every 0. Rows: `sdpo` (no gradient checkpointing) and `sdpo_gc`
-            (train.gradient_checkpointing=true). The RESULT line uses --result-row (sdpo_gc).
+            grouping, inference.batch_size=1, save_every 0. Rows: `sdpo` (sdpo's defaults: the prefix attention as
+            causal pieces, gradient checkpointing `auto`), `sdpo_nogc` (the same, train.gradient_checkpointing=false)
+            and `sdpo_mask` (runtime.prefix_attention=mask, train.gradient_checkpointing=true: sdpo before issue
+            16's techniques, but for the head chunk). The RESULT line uses --result-row (sdpo).
 
 Every figure is of one whole command in its own process group:
   peak RSS  the larger of the command's ru_maxrss (os.wait4) and the polled RSS sum of its process tree (20 ms);
@@ -64,12 +66,13 @@ UPDATES = 2
 MAX_POSITIONS = 32768
 STEP = 512  # the search's granularity
 BUDGET_MB = 4096.0  # 4 GiB, in MiB like ru_maxrss / 1024
-ROWS = ("sdpo", "sdpo_gc", "trl_default", "trl_precompute")
-SDPO_SETS = {"sdpo": [], "sdpo_gc": ["train.gradient_checkpointing=true"]}
+ROWS = ("sdpo", "sdpo_nogc", "sdpo_mask", "trl_default", "trl_precompute")
+SDPO_SETS = {"sdpo": [], "sdpo_nogc": ["train.gradient_checkpointing=false"],
+             "sdpo_mask": ["runtime.prefix_attention=mask", "train.gradient_checkpointing=true"]}
 TOKENIZER = FIXTURES / "mistral-7b-v0.1-tokenizer"
 # rough peak RSS (MB) per 1K tokens of L, used only to decide whether there is room to start a command
-PRIOR_MB_PER_K = {"sdpo": 750, "sdpo_gc": 450, "trl_default": 1600, "trl_precompute": 1600}
-PRIOR_BASE_MB = {"sdpo": 600, "sdpo_gc": 600, "trl_default": 1700, "trl_precompute": 1700}
+PRIOR_MB_PER_K = {"sdpo": 250, "sdpo_nogc": 450, "sdpo_mask": 450, "trl_default": 1600, "trl_precompute": 1600}
+PRIOR_BASE_MB = {"sdpo": 600, "sdpo_nogc": 600, "sdpo_mask": 600, "trl_default": 1700, "trl_precompute": 1700}
 
 
 # ----------------------------------------------------------------------------------------------------------- prep
@@ -512,7 +515,9 @@ def _plot(table: dict, searches: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = {"sdpo": "sdpo (prefix, no checkpointing)", "sdpo_gc": "sdpo (prefix, gradient checkpointing)",
+    labels = {"sdpo": "sdpo defaults (causal pieces, checkpointing auto)",
+              "sdpo_nogc": "sdpo, causal pieces, no checkpointing",
+              "sdpo_mask": "sdpo, L x L mask, checkpointing (before issue 16)",
               "trl_default": "TRL 1.16 defaults (checkpointing, live reference)",
               "trl_precompute": "TRL 1.16 precompute_ref_log_probs"}
     fig, ax = plt.subplots(figsize=(7, 4.2))
@@ -545,11 +550,11 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2, help="interleaved repeats of the table (quick: 1)")
     ap.add_argument("--repeat-max-length", type=int, default=4096,
                     help="repeats after the first run only the lengths up to this (0: all)")
-    ap.add_argument("--quick", action="store_true", help="smoke run: L=512, rows sdpo_gc + trl_default, no search")
+    ap.add_argument("--quick", action="store_true", help="smoke run: L=512, rows sdpo + trl_default, no search")
     ap.add_argument("--no-search", action="store_true", help="skip the longest-within-4-GiB search")
-    ap.add_argument("--search-rows", default="sdpo_gc,trl_default,trl_precompute", help="rows to search")
+    ap.add_argument("--search-rows", default="sdpo,trl_default,trl_precompute", help="rows to search")
     ap.add_argument("--search-max", type=int, default=32768, help="longest length the search tries")
-    ap.add_argument("--result-row", default="sdpo_gc", help="the sdpo row of the RESULT line")
+    ap.add_argument("--result-row", default="sdpo", help="the sdpo row of the RESULT line")
     ap.add_argument("--timeout", type=float, default=1800, help="seconds per command")
     ap.add_argument("--workdir", default=None, help="model, pairs, logs, results (default runs/bench-long)")
     ap.add_argument("--resume", action="store_true",
@@ -578,7 +583,7 @@ def main() -> None:
 
     lengths = [512] if a.quick else [int(x) for x in a.lengths.split(",")]
     repeats = 1 if a.quick else a.repeats
-    rows = ["sdpo_gc", "trl_default"] if a.quick else [x for x in a.rows.split(",") if x]
+    rows = ["sdpo", "trl_default"] if a.quick else [x for x in a.rows.split(",") if x]
     search = not (a.no_search or a.quick)
     plot = Path(a.plot) if a.plot and not a.quick else None
     work.mkdir(parents=True, exist_ok=True)

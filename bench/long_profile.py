@@ -3,13 +3,15 @@ goes at 4K").
 
     python -m bench.long_profile                       # 4K, no gradient checkpointing (needs runs/bench-long/L4096)
     python -m bench.long_profile --gc                  # the same with gradient checkpointing
+    python -m bench.long_profile --mask                # the prefix attention as an explicit L x L mask (pre issue 16)
     python -m bench.long_profile --length 8192 --torch-profiler
 
 Uses bench.long's model and pairs (make bench-long, or `python -m bench.long --worker prep --lengths L`) and replays
 what `sdpo run` does with them in ONE process, stage by stage, with sdpo_cli's own pieces (read-only use, nothing
-patched): the tokenizer as sdpo loads it, `collate_pairs(..., "prefix")`, `completion_logps` (decoder body + chunked
-LM head), the DPO loss (sdpo_cli.loss.dpo_losses), fused AdamW with clipping, one pair per update, 2 updates, and the
-reference pass before it (batch 1, no grad, as reflogp with inference.batch_size=1). Not replayed: the split (datasets,
+patched): the tokenizer as sdpo loads it, `resolve_layout` (the prefix attention as causal pieces, or with --mask an
+explicit mask), `collate_pairs(..., "prefix")`, `completion_logps` (decoder body + chunked LM head), the DPO loss
+(sdpo_cli.loss.dpo_losses), fused AdamW with clipping, one pair per update, 2 updates, and the reference pass
+before it (batch 1, no grad, as reflogp with inference.batch_size=1). Not replayed: the split (datasets,
 arrow files), fingerprints, integrity hashing, accelerate, the checkpoint save and the loss plot.
 
 Figures:
@@ -20,7 +22,7 @@ Figures:
   install their own hooks, so what they keep is counted from the blocks' inputs instead (see the output);
 - with --torch-profiler: torch.profiler(profile_memory=True) over update 2's forward + backward, the ops that
   allocate the most.
-Prints a table and writes WORKDIR/profile-L{length}[-gc].json.
+Prints a table and writes WORKDIR/profile-L{length}[-gc][-mask].json.
 """
 
 from __future__ import annotations
@@ -148,6 +150,7 @@ def main() -> None:
     ap.add_argument("--length", type=int, default=4096)
     ap.add_argument("--gc", action="store_true", help="gradient checkpointing (train.gradient_checkpointing=true)")
     ap.add_argument("--torch-profiler", action="store_true", help="also profile update 2 with torch.profiler")
+    ap.add_argument("--mask", action="store_true", help="runtime.prefix_attention=mask (default: pieces)")
     ap.add_argument("--workdir", default=str(ROOT / "runs" / "bench-long"))
     a = ap.parse_args()
     work = Path(a.workdir)
@@ -157,7 +160,7 @@ def main() -> None:
     import torch.nn.functional as F  # noqa: F401
     import transformers  # noqa: F401
 
-    from sdpo_cli.collate import collate_pairs
+    from sdpo_cli.collate import collate_pairs, prefix_mask, resolve_layout
     from sdpo_cli.logprobs import completion_logps
     from sdpo_cli.loss import dpo_losses
 
@@ -177,7 +180,9 @@ def main() -> None:
     n_params = sum(p.numel() for p in model.parameters())
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     head = model.get_output_embeddings().weight
-    out = {"length": a.length, "gc": a.gc, "params": n_params, "weights_mb": weights / MB,
+    resolve_layout("prefix", model, prefix_attention="mask" if a.mask else "pieces")
+    out = {"length": a.length, "gc": a.gc, "prefix_attention": "mask" if a.mask else "pieces", "params": n_params,
+           "weights_mb": weights / MB,
            "head_mb": head.numel() * head.element_size() / MB,
            "row_tokens": [len(r["prompt_ids"]) + len(r["chosen_ids"]) + len(r["rejected_ids"]) for r in rows]}
 
@@ -193,7 +198,8 @@ def main() -> None:
     batch_mask_mb = None
     for update, (r, (rc, rr)) in enumerate(zip(rows, ref)):
         batch = collate_pairs([r], pad, "prefix")
-        batch_mask_mb = batch.attention_mask.numel() * batch.attention_mask.element_size() / MB
+        if a.mask:  # built inside completion_logps; its size, from a copy
+            batch_mask_mb = prefix_mask(batch).numel() / MB
         prof = None
         if a.torch_profiler and update == 1:
             from torch.profiler import ProfilerActivity, profile
@@ -236,7 +242,7 @@ def main() -> None:
     import resource
 
     out["ru_maxrss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    path = work / f"profile-L{a.length}{'-gc' if a.gc else ''}.json"
+    path = work / f"profile-L{a.length}{'-gc' if a.gc else ''}{'-mask' if a.mask else ''}.json"
     path.write_text(json.dumps(out, indent=1))
 
     print(f"L={a.length} (prefix rows of {out['row_tokens']} tokens), gradient checkpointing {a.gc}, "

@@ -4,9 +4,11 @@ giving the same per-pair completion log-probs (tests/test_layouts.py); and which
 * ``padded`` — a batch of B pairs is 2B right-padded rows [chosen_1..chosen_B; rejected_1..rejected_B] (TRL's
   layout); the prompt is computed twice.
 * ``prefix`` — prefix sharing (Wang & Hegde, arXiv 2410.20305): B rows, one per pair, ``prompt + chosen +
-  rejected``. The rejected segment's position ids continue after the prompt (P..P+R-1), an explicit 4D boolean mask
-  [B,1,L,L] is causal within the row and hides the chosen keys from the rejected queries, and the first rejected
-  token is scored from the last prompt position. The prompt's forward and backward run once per pair.
+  rejected``. The rejected segment's position ids continue after the prompt (P..P+R-1), attention is causal within
+  the row and hides the chosen keys from the rejected queries, and the first rejected token is scored from the last
+  prompt position. The prompt's forward and backward run once per pair. Under sdpa that attention runs as two causal
+  pieces per row with no mask (sdpo_cli/attention.py, `runtime.prefix_attention: pieces`); otherwise as an explicit
+  4D boolean mask [B,1,L,L] (`prefix_mask`).
 * ``packed`` — padding-free: ONE row holding the 2B sequences ``prompt + chosen``, ``prompt + rejected`` back to
   back, position ids restarting at 0 for each, no attention mask. transformers then keeps the sequences apart itself:
   flash attention runs its variable-length kernel (we also pass the cumulative sequence lengths, so it need not
@@ -34,8 +36,9 @@ FLASH_ATTENTION = ("flash_attention_2", "flash_attention_3")  # variable-length 
 class PairBatch:
     """Token tensors for one forward pass over B pairs.
 
-    padded: input_ids, attention_mask (2B, L), position_ids None. prefix: input_ids, position_ids (B, L) and a boolean
-    attention_mask (B, 1, L, L) (True = may attend). packed: input_ids, position_ids (1, N), no attention_mask,
+    padded: input_ids, attention_mask (2B, L), position_ids None. prefix: input_ids, position_ids (B, L), no
+    attention_mask (`prefix_mask` builds the (B, 1, L, L) mask from the lengths where one is needed). packed:
+    input_ids, position_ids (1, N), no attention_mask,
     cu_seqlens (2B+1,) int32 sequence boundaries and max_seqlen. score_index: (K,) flat indices into the (rows*L)
     positions whose hidden state predicts a completion token; targets: (K,) those tokens; segment: (K,) 2i for pair
     i's chosen, 2i+1 for its rejected. chosen_tokens / rejected_tokens: (B,) completion lengths.
@@ -124,7 +127,6 @@ def _collate_prefix(pairs: list[dict], pad_id: int) -> PairBatch:
     n = len(pairs)
     input_ids = torch.full((n, length), pad_id, dtype=torch.long)
     position_ids = torch.zeros((n, length), dtype=torch.long)
-    part = torch.full((n, length), _PAD, dtype=torch.long)
     score_index, targets, segment = [], [], []
     for i, pair in enumerate(pairs):
         p, c, r = pair["prompt_ids"], pair["chosen_ids"], pair["rejected_ids"]
@@ -133,20 +135,34 @@ def _collate_prefix(pairs: list[dict], pad_id: int) -> PairBatch:
         input_ids[i, : P + C + R] = torch.tensor(p + c + r, dtype=torch.long)
         position_ids[i, : P + C] = torch.arange(P + C)
         position_ids[i, P + C: P + C + R] = torch.arange(P, P + R)
-        part[i, :P], part[i, P: P + C], part[i, P + C: P + C + R] = _PROMPT, _CHOSEN, _REJECTED
         score_index.extend(range(base + P - 1, base + P + C - 1))
         if R:
             score_index.append(base + P - 1)
             score_index.extend(range(base + P + C, base + P + C + R - 1))
         targets.extend(c + r)
         segment.extend([2 * i] * C + [2 * i + 1] * R)
+    return _pair_batch(pairs, input_ids=input_ids, attention_mask=None, position_ids=position_ids,
+                       score_index=score_index, targets=targets, segment=segment, layout="prefix")
+
+
+def prefix_mask(batch: PairBatch) -> torch.Tensor:
+    """The prefix layout's (B, 1, L, L) boolean mask (True = may attend), on the batch's device: causal within the
+    row, rejected queries never see chosen keys, padding positions attend only to themselves (no fully masked query
+    row, whose softmax would be NaN in some sdpa kernels)."""
+    n, length = batch.input_ids.shape
+    device = batch.input_ids.device
+    pos = torch.arange(length, device=device)[None]
+    prompt, chosen = batch.prompt_tokens.to(device)[:, None], batch.chosen_tokens.to(device)[:, None]
+    end = prompt + chosen + batch.rejected_tokens.to(device)[:, None]
+    part = torch.where(pos < prompt, _PROMPT, torch.where(pos < prompt + chosen, _CHOSEN,
+                                                          torch.where(pos < end, _REJECTED, _PAD)))
     real = part != _PAD
     q_part, k_part = part[:, :, None], part[:, None, :]
-    allowed = torch.ones(length, length, dtype=torch.bool).tril()[None] & real[:, :, None] & real[:, None, :]
+    allowed = torch.ones(length, length, dtype=torch.bool, device=device).tril()[None]
+    allowed = allowed & real[:, :, None] & real[:, None, :]
     allowed &= ~((q_part == _REJECTED) & (k_part == _CHOSEN))
-    allowed |= torch.eye(length, dtype=torch.bool)[None]
-    return _pair_batch(pairs, input_ids=input_ids, attention_mask=allowed[:, None], position_ids=position_ids,
-                       score_index=score_index, targets=targets, segment=segment, layout="prefix")
+    allowed |= torch.eye(length, dtype=torch.bool, device=device)[None]
+    return allowed[:, None]
 
 
 def _collate_packed(pairs: list[dict]) -> PairBatch:
@@ -199,7 +215,18 @@ def model_config(model):
 
 
 def attn_implementation(model) -> str:
-    return getattr(model_config(model), "_attn_implementation", None) or "eager"
+    """The model's attention implementation; sdpa also where sdpo_cli/attention.py switched it to the prefix pieces."""
+    from sdpo_cli.attention import PIECES
+
+    impl = getattr(model_config(model), "_attn_implementation", None) or "eager"
+    return "sdpa" if impl == PIECES else impl
+
+
+def prefix_pieces(model) -> bool:
+    """Whether the model runs the prefix layout's attention as causal pieces (sdpo_cli/attention.py)."""
+    from sdpo_cli.attention import PIECES
+
+    return getattr(model_config(model), "_attn_implementation", None) == PIECES
 
 
 def layout_unsupported(model, layout: str, max_length: int | None = None) -> str | None:
@@ -228,14 +255,19 @@ def layout_unsupported(model, layout: str, max_length: int | None = None) -> str
 
 
 def resolve_layout(layout: str, model, max_length: int | None = None, *,
-                   warn: Callable[[str], None] | None = None) -> str:
+                   warn: Callable[[str], None] | None = None, prefix_attention: str = "pieces") -> str:
     """The layout to use: where the model cannot take `prefix`, flash attention gets `packed` (its varlen kernel
     wastes nothing on padding) and everything else `padded` (sdpa / eager would attend densely over a packed row),
-    said through `warn` (the run context's)."""
+    said through `warn` (the run context's). For `prefix` under sdpa with `prefix_attention` "pieces"
+    (runtime.prefix_attention), the model is switched to the mask-free causal pieces (sdpo_cli/attention.py)."""
     why = layout_unsupported(model, layout, max_length)
     if why:
         fallback = "packed" if attn_implementation(model) in FLASH_ATTENTION else "padded"
         if warn is not None:
             warn(f"train.layout={layout} is not possible here ({why}); using the {fallback} layout")
         return fallback
+    if layout == "prefix" and attn_implementation(model) == "sdpa":
+        from sdpo_cli.attention import use_prefix_pieces
+
+        use_prefix_pieces(model, prefix_attention == "pieces")
     return layout

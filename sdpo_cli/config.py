@@ -119,6 +119,12 @@ class MixedPrecision(Choice):  # train.mixed_precision: accelerate autocast; wei
     fp16 = "fp16"
 
 
+class PrefixAttention(Choice):  # runtime.prefix_attention: the prefix layout's attention under sdpa
+    auto = "auto"  # pieces, but mask with train.compile (its graphs would specialise on every row's lengths)
+    pieces = "pieces"  # two causal pieces per row, no L x L mask (sdpo_cli/attention.py)
+    mask = "mask"  # an explicit [L, L] boolean mask
+
+
 class Layout(Choice):  # train.layout: how pairs become token rows (sdpo_cli/collate.py)
     prefix = "prefix"  # prompt computed once for chosen and rejected
     padded = "padded"  # TRL's: one row per completion
@@ -225,7 +231,12 @@ class TrainConfig:
     adam_beta2: float = 0.999
     adam_epsilon: float = 1.0e-8
     mixed_precision: MixedPrecision = MixedPrecision.no  # accelerate autocast; weights stay in model.dtype
-    gradient_checkpointing: bool = False
+    # activation checkpointing of the decoder layers: true | false | auto (on when the longest micro-batch's
+    # activations would need more than train.activation_budget_gb; sdpo_cli/memory.py, docs/performance.md)
+    gradient_checkpointing: Any = "auto"
+    # auto's budget in GB; null: what the model's training state (weights, gradients, AdamW moments) already takes
+    # on each process, i.e. checkpoint once activations would more than double the memory
+    activation_budget_gb: Optional[float] = None
     disable_dropout: bool = True  # as TRL: dropout would make the ln 2 check and the reference pass noisy
     shuffle: bool = True
     layout: Layout = Layout.prefix  # see Layout and docs/performance.md
@@ -268,6 +279,8 @@ class EvalConfig:
 class RuntimeConfig:
     # How this process runs, not what it computes: in no fingerprint (sdpo_cli/runtime.py applies it)
     threads: Optional[int] = None  # torch CPU threads per process; None: OMP_NUM_THREADS if set, else torch's default
+    prefix_attention: PrefixAttention = PrefixAttention.auto  # train.layout prefix under sdpa: pieces | mask | auto
+    head_chunk_mb: float = 32.0  # LM-head chunks: at most this many MiB of logits (and their work copies) at once
 
 
 @dataclass
@@ -904,6 +917,12 @@ def _train_problems(cfg: SdpoConfig) -> List[Problem]:
         problems.append(Problem("train.epochs", "must be positive", "e.g. train.epochs=1"))
     if not 0 <= train.warmup_ratio < 1:
         problems.append(Problem("train.warmup_ratio", "must be in [0, 1)", "e.g. 0.1"))
+    if train.gradient_checkpointing not in (True, False, "auto"):
+        problems.append(Problem("train.gradient_checkpointing", f"must be true, false or auto, not "
+                                f"{train.gradient_checkpointing!r}", "auto: on when activations pass the budget"))
+    if train.activation_budget_gb is not None and train.activation_budget_gb <= 0:
+        problems.append(Problem("train.activation_budget_gb", "must be positive",
+                                "or null: the memory of the model's training state"))
     return problems
 
 
@@ -920,10 +939,13 @@ def _inference_problems(cfg: SdpoConfig) -> List[Problem]:
 
 
 def _runtime_problems(cfg: SdpoConfig) -> List[Problem]:
+    problems = []
     if cfg.runtime.threads is not None and cfg.runtime.threads < 1:
-        return [Problem("runtime.threads", "must be at least 1",
-                        "or null: OMP_NUM_THREADS if set, else torch's default")]
-    return []
+        problems.append(Problem("runtime.threads", "must be at least 1",
+                                "or null: OMP_NUM_THREADS if set, else torch's default"))
+    if cfg.runtime.head_chunk_mb <= 0:
+        problems.append(Problem("runtime.head_chunk_mb", "must be positive", "e.g. runtime.head_chunk_mb=32"))
+    return problems
 
 
 def _eval_problems(cfg: SdpoConfig) -> List[Problem]:

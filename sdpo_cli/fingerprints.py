@@ -153,7 +153,7 @@ def reflogp_fp(cfg: SdpoConfig, run: RunDir, step: int) -> Fingerprint:
 
 
 # train.* keys that do not change the weights: editing them must not make a finished checkpoint stale.
-NOT_WEIGHTS = ("logging_every", "report_to", "save_optimizer", "save_every", "eval_every")
+NOT_WEIGHTS = ("logging_every", "report_to", "save_optimizer", "save_every", "eval_every", "activation_budget_gb")
 
 
 # dpo.* keys added after 0.1 (TRL's losses and modifiers, docs/losses.md) with their defaults: left out of the hash at
@@ -179,6 +179,9 @@ def train_fp(cfg: SdpoConfig, run: RunDir, step: int) -> Fingerprint:
     reflogp = read_meta(run.reflogp(step)) or {}
     config = section(cfg, "dpo", "train", "peft")
     config["train"] = {k: v for k, v in config["train"].items() if k not in NOT_WEIGHTS}
+    # checkpointing does not change the weights either, but it was hashed before `auto` existed: `auto` hashes as
+    # false (the old default), so that the checkpoints of earlier runs stay current
+    config["train"]["gradient_checkpointing"] = config["train"]["gradient_checkpointing"] is True
     # dpo.reference / dpo.target_init enter through the models they name (reflogp's fingerprint, the init model's
     # identity), so step 1 of `target_init=base` and of `previous` (both start from S) is the same computation.
     config["dpo"] = {k: v for k, v in config["dpo"].items() if k not in ("reference", "target_init")}

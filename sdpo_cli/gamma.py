@@ -224,12 +224,14 @@ class _Scorer:
         self.accelerator = make_accelerator(ctx, mixed_precision=cfg.train.mixed_precision)
 
     def gammas(self, source: str, pairs, description: str) -> list[float]:
+        from sdpo_cli.attention import prefix_attention
         from sdpo_cli.collate import resolve_layout
         from sdpo_cli.scoring import score_pairs_sharded
 
         model = load_model(self.cfg.model, source).to(self.accelerator.device)
         disable_dropout(model)
-        layout = resolve_layout(self.cfg.train.layout, model, self.cfg.data.max_length, warn=self.ctx.warn)
+        layout = resolve_layout(self.cfg.train.layout, model, self.cfg.data.max_length, warn=self.ctx.warn,
+                                prefix_attention=prefix_attention(self.cfg))
         with self.ctx.progress() as bar:
             chosen, rejected = score_pairs_sharded(self.accelerator, model, pairs, pad_id=self.tok.pad_token_id,
                                                    batch_size=self.cfg.inference.batch_size, progress=bar,

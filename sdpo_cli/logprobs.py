@@ -17,10 +17,17 @@ from __future__ import annotations
 
 import torch
 
-from sdpo_cli.collate import FLASH_ATTENTION, MASKED_ATTENTION, PairBatch, attn_implementation
+from sdpo_cli import runtime
+from sdpo_cli.collate import (
+    FLASH_ATTENTION,
+    MASKED_ATTENTION,
+    PairBatch,
+    attn_implementation,
+    prefix_mask,
+    prefix_pieces,
+)
 
-HEAD_CHUNK = 4096  # scored tokens per LM-head chunk at most
-HEAD_CHUNK_ELEMENTS = 1 << 25  # and at most 32M logits (128 MB in fp32) per chunk: 1024 tokens at a 32K vocabulary
+HEAD_CHUNK_MIN = 64  # scored tokens per LM-head chunk at least, whatever the vocabulary
 
 
 def _attention_inputs(model, batch: PairBatch) -> dict:
@@ -33,7 +40,13 @@ def _attention_inputs(model, batch: PairBatch) -> dict:
             inputs.update(cu_seq_lens_q=batch.cu_seqlens, cu_seq_lens_k=batch.cu_seqlens,
                           max_length_q=batch.max_seqlen, max_length_k=batch.max_seqlen)
         return inputs
-    mask = batch.attention_mask
+    if prefix_pieces(model):  # no mask: two causal pieces per row (sdpo_cli/attention.py) from the lengths
+        lengths = torch.stack([batch.prompt_tokens, batch.chosen_tokens, batch.rejected_tokens], dim=1).tolist()
+        # a prepared 4D mask (transformers passes it through as is, building none of its own) that nothing reads
+        placeholder = torch.ones((1, 1, 1, 1), dtype=torch.bool, device=batch.input_ids.device)
+        return {"attention_mask": placeholder, "position_ids": batch.position_ids,
+                "sdpo_prefix": tuple(map(tuple, lengths))}
+    mask = prefix_mask(batch)
     impl = attn_implementation(model)
     if impl == "eager":  # eager adds the mask to the scores: 0 where allowed, the dtype's minimum elsewhere
         dtype = next(model.parameters()).dtype
@@ -116,16 +129,21 @@ class _ChunkedHeadLogps(torch.autograd.Function):
         return grad_h, grad_w.to(weight.dtype) if need_w else None, None, None, None
 
 
-def head_chunk(vocab_size: int) -> int:
-    """Scored tokens per LM-head chunk: HEAD_CHUNK, fewer for large vocabularies (HEAD_CHUNK_ELEMENTS logits)."""
-    return max(64, min(HEAD_CHUNK, HEAD_CHUNK_ELEMENTS // max(vocab_size, 1)))
+def head_chunk(vocab_size: int, sixteen_bit: bool = False) -> int:
+    """Scored tokens per LM-head chunk, bounded in bytes: runtime.head_chunk_mb (32 MiB by default) of what one chunk
+    holds at once — its fp32 logits, worked on in place (4 bytes a logit), and with 16-bit matmuls also the matmul's
+    output and, in backward, the gradient cast back (2 + 2 bytes). 256 tokens at a 32K vocabulary in fp32, 27 at
+    Qwen's 152K under bf16 raised to HEAD_CHUNK_MIN. (Until issue 16 a chunk was 1,024 tokens at 32K: 128 MiB.)"""
+    per_token = max(vocab_size, 1) * (8 if sixteen_bit else 4)
+    return max(HEAD_CHUNK_MIN, runtime.head_chunk_bytes // per_token)
 
 
 def chunked_token_logps(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                         chunk: int | None = None, sum_sq: bool = False):
     """log p(targets | hidden) for (K, H) hidden states and a (V, H) head, holding one chunk of logits at a time.
     `sum_sq`: return (log-probs, log Σ_v p_v² per token without gradient) instead."""
-    chunk = chunk or head_chunk(weight.shape[0])
+    sixteen_bit = weight.dtype in (torch.bfloat16, torch.float16) or torch.is_autocast_enabled(hidden.device.type)
+    chunk = chunk or head_chunk(weight.shape[0], sixteen_bit)
     if hidden.shape[0] == 0:
         empty = hidden.new_zeros(0, dtype=torch.float32)
         return (empty, empty) if sum_sq else empty

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from sdpo_cli import integrity
+from sdpo_cli.attention import prefix_attention
 from sdpo_cli.collate import resolve_layout
 from sdpo_cli.config import SdpoConfig
 from sdpo_cli.context import RunContext
@@ -66,7 +67,8 @@ def run_reflogp(cfg: SdpoConfig, step: int, *, force: bool = False, ctx: RunCont
     model = load_model(cfg.model, reference).to(accelerator.device)
     disable_dropout(model)
     # train's layout, so that update 0 matches exactly
-    layout = resolve_layout(cfg.train.layout, model, cfg.data.max_length, warn=ctx.warn)
+    layout = resolve_layout(cfg.train.layout, model, cfg.data.max_length, warn=ctx.warn,
+                            prefix_attention=prefix_attention(cfg))
     for data_path, out, fp in todo:
         _score(cfg, step, ctx, accelerator, model, data_path, out,
                meta={"stage": "reflogp", "step": step, "started": started, "fingerprint": fp, "inputs": fp.inputs,

@@ -267,6 +267,7 @@ def pearson(x: list[float], y: list[float]) -> float | None:
 def _base_logps(cfg: SdpoConfig, pairs: list[dict], tok, bar, ctx: RunContext) -> tuple[list[float], list[float]]:
     from accelerate import Accelerator
 
+    from sdpo_cli.attention import prefix_attention
     from sdpo_cli.collate import resolve_layout
     from sdpo_cli.models import disable_dropout, load_model
     from sdpo_cli.scoring import score_pairs
@@ -277,7 +278,8 @@ def _base_logps(cfg: SdpoConfig, pairs: list[dict], tok, bar, ctx: RunContext) -
     chosen, rejected = score_pairs(model, pairs, pad_id=tok.pad_token_id, batch_size=cfg.inference.batch_size,
                                    device=accelerator.device, autocast=accelerator.autocast, progress=bar,
                                    description="curriculum: γ under base",
-                                   layout=resolve_layout(cfg.train.layout, model, cfg.data.max_length, warn=ctx.warn))
+                                   layout=resolve_layout(cfg.train.layout, model, cfg.data.max_length, warn=ctx.warn,
+                                                         prefix_attention=prefix_attention(cfg)))
     return chosen, rejected
 
 

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from sdpo_cli.attention import prefix_attention
 from sdpo_cli.batching import WeightedPairs, train_batches, update_totals
 from sdpo_cli.collate import PairBatch, collate_pairs, pair_length, resolve_layout
 from sdpo_cli.config import SdpoConfig, TrainConfig, section
@@ -35,6 +36,7 @@ from sdpo_cli.fingerprints import data_fp, logps_fp, reflogp_fp, require_data, r
 from sdpo_cli.logprobs import PairLogps, policy_logps
 from sdpo_cli.lora import merged_model, with_lora
 from sdpo_cli.loss import LossSpec, ld_logps, loss_at_equal_models, pair_losses, wpo_weights
+from sdpo_cli.memory import Checkpointing, decide
 from sdpo_cli.modelcard import write_model_card
 from sdpo_cli.models import compile_blocks, disable_dropout, load_model, reference_model, target_init_model
 from sdpo_cli.reports import read_log
@@ -79,7 +81,8 @@ def run_train(cfg: SdpoConfig, step: int, *, force: bool = False, redo_stale: bo
     from accelerate.utils import set_seed
 
     set_seed(cfg.seed)
-    target = Target.load(cfg, inputs, ctx)
+    target = Target.load(cfg, inputs, ctx, rows=rows,
+                         shards=accelerator.num_processes if _sharded(accelerator) else 1)
     loader = _loader(rows, target, tr, seed=cfg.seed + step, world=accelerator.num_processes)
     optimizer = _optimizer(tr, target.model, accelerator)
     _check_engine(accelerator, cfg)
@@ -106,6 +109,7 @@ def run_train(cfg: SdpoConfig, step: int, *, force: bool = False, redo_stale: bo
             "target_init": target.init, "reference": target.reference, "data": inputs.run.rel(inputs.data_path),
             "pairs": len(rows), "updates": loop.total, "epochs": loop.epochs_done,
             "world_size": accelerator.num_processes, "layout": target.layout, "compiled": bool(tr.compile),
+            "gradient_checkpointing": target.checkpointing.on,
             "log": inputs.run.rel(inputs.log_path), **log_summary(records)}
     save_target(cfg, inputs, target, accelerator=accelerator, policy=policy, optimizer=optimizer, meta=meta)
     if accelerator.is_main_process:
@@ -269,9 +273,12 @@ class Target:
     reference: str  # π_ref of the step, whose log-probs reflogp computed
     layout: str  # collation layout (sdpo_cli/collate.py), reflogp's too
     pad_id: int
+    checkpointing: Checkpointing  # train.gradient_checkpointing as decided for this step (sdpo_cli/memory.py)
 
     @classmethod
-    def load(cls, cfg: SdpoConfig, inputs: StepInputs, ctx: RunContext) -> Target:
+    def load(cls, cfg: SdpoConfig, inputs: StepInputs, ctx: RunContext, *, rows: list[dict],
+             shards: int = 1) -> Target:
+        """M_{t-1} (or S) ready to train on `rows`; `shards`: processes the engine divides the weights over."""
         tr, step = cfg.train, inputs.step
         init = target_init_model(cfg, inputs.run, step)
         model = load_model(cfg.model, init, train=True)
@@ -279,15 +286,25 @@ class Target:
             disable_dropout(model)
         if cfg.peft.enabled:
             model = with_lora(model, cfg.peft, cfg.model.quantization, info=ctx.info)  # QLoRA: quantized M_{t-1}
-        if tr.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            if cfg.peft.enabled:
-                model.enable_input_require_grads()  # frozen embeddings: checkpointed blocks still need grad inputs
-        layout = resolve_layout(tr.layout, model, cfg.data.max_length, warn=ctx.warn)
+        layout = resolve_layout(tr.layout, model, cfg.data.max_length, warn=ctx.warn,
+                                prefix_attention=prefix_attention(cfg))
+        # the longest micro-batch: per_device_batch_size rows padded to the longest pair (2 rows a pair if padded)
+        longest = max((pair_length(r, layout) for r in rows), default=0)
+        value_bytes = 2 if tr.mixed_precision != "no" else next(model.parameters()).element_size()
+        checkpointing = decide(tr.gradient_checkpointing, model, value_bytes=value_bytes,
+                               positions=tr.per_device_batch_size * longest * (2 if layout == "padded" else 1),
+                               budget_gb=tr.activation_budget_gb, shards=shards)
+        checkpointing.apply(model)
+        if checkpointing.on and cfg.peft.enabled:
+            model.enable_input_require_grads()  # frozen embeddings: checkpointed blocks still need grad inputs
+        if tr.gradient_checkpointing == "auto":
+            ctx.info(f"train step {step}: gradient checkpointing {'on' if checkpointing.on else 'off'} "
+                     f"({checkpointing.why})")
         if tr.compile:
             ctx.info(f"train step {step}: torch.compile of {compile_blocks(model)} transformer blocks (the first "
                      "updates of each new shape compile)")
-        return cls(model, init, reference_model(cfg, inputs.run, step), layout, inputs.tok.pad_token_id)
+        return cls(model, init, reference_model(cfg, inputs.run, step), layout, inputs.tok.pad_token_id,
+                   checkpointing)
 
 
 class PairCollator:

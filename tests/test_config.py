@@ -380,7 +380,8 @@ def config_before_choices(tmp_path_factory):
 # keys added since BEFORE_CHOICES inside existing sections, with their defaults: the fingerprints leave them out at
 # these values (fingerprints.split_fp, NOT_WEIGHTS), so runs made before they existed stay current
 ADDED_KEYS = {"data": {"drop_ties": False}, "split": {"eval_fraction": 0.0, "curriculum_score": "gamma"},
-              "train": {"eval_every": 0},
+              "train": {"eval_every": 0, "activation_budget_gb": None},
+              "runtime": {"prefix_attention": "auto", "head_chunk_mb": 32.0},
               # TRL's losses and modifiers: train_fp leaves them out at these values (fingerprints.dpo_hashed)
               "dpo": {"loss_weights": None, "ld_alpha": None, "use_weighting": False,
                       "f_divergence_type": "reverse_kl", "f_alpha_divergence_coef": 0.5, "discopop_tau": 0.05}}
@@ -394,13 +395,16 @@ def _yaml_value(value) -> str:
 def serialised(module, cfg) -> tuple[str, str, str]:
     """The run's config.yaml, every section, and the sections the fingerprints hash, as they are written (without
     ADDED_KEYS where they have their defaults)."""
-    text = module.to_yaml(cfg)
+    # train.gradient_checkpointing's default went from false to auto, which train_fp hashes as false
+    text = module.to_yaml(cfg).replace("  gradient_checkpointing: auto\n", "  gradient_checkpointing: false\n")
     for keys in ADDED_KEYS.values():
         for key, default in keys.items():
             text = text.replace(f"  {key}: {_yaml_value(default)}\n", "")
 
     def sections(*names):
         values = module.section(cfg, *names)
+        if values.get("train", {}).get("gradient_checkpointing") == "auto":
+            values["train"]["gradient_checkpointing"] = False
         for name, keys in ADDED_KEYS.items():
             for key, default in keys.items():
                 if name in values and values[name].get(key, default) == default:
@@ -534,7 +538,23 @@ def test_runtime_is_in_no_fingerprint(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     default, threads = load_config(FIXTURES), load_config(FIXTURES, ["runtime.threads=1"])
     assert (default.runtime.threads, threads.runtime.threads) == (None, 1)
-    assert to_yaml(threads).endswith("runtime:\n  threads: 1\n")  # recorded in config.yaml
+    assert to_yaml(threads).endswith("runtime:\n  threads: 1\n  prefix_attention: auto\n  head_chunk_mb: 32.0\n")
     for keys in (SECTIONS, ("data", "split"), ("dpo", "train", "peft")):
         assert section(default, *keys) == section(threads, *keys)
     assert fingerprints.numerics(default) == fingerprints.numerics(threads)
+
+
+def test_memory_keys_are_checked_and_auto_checkpointing_keeps_old_fingerprints(tmp_path):
+    """train.gradient_checkpointing takes true | false | auto (the default), train.activation_budget_gb must be
+    positive; `auto` hashes as the old default false, so runs trained before it existed stay current."""
+    from sdpo_cli.config import SdpoConfig, config_problems
+    from sdpo_cli.fingerprints import NOT_WEIGHTS
+
+    cfg = SdpoConfig()
+    assert cfg.train.gradient_checkpointing == "auto" and cfg.train.activation_budget_gb is None
+    cfg.train.gradient_checkpointing = "sometimes"
+    cfg.train.activation_budget_gb = 0.0
+    cfg.runtime.head_chunk_mb = -1.0
+    keys = [p.key for p in config_problems(cfg)]
+    assert {"train.gradient_checkpointing", "train.activation_budget_gb", "runtime.head_chunk_mb"} <= set(keys)
+    assert "activation_budget_gb" in NOT_WEIGHTS

@@ -1,5 +1,6 @@
-"""Batch layouts of the shared log-prob path: the prefix-shared layout (one row per pair, prompt + chosen + rejected
-under a 4D mask) and the packed layout (one padding-free row, position ids restarting per sequence) give the padded
+"""Batch layouts of the shared log-prob path: the prefix-shared layout (one row per pair, prompt + chosen + rejected;
+its attention as two mask-free causal pieces per row under sdpa, `prefix-pieces`, or under an explicit 4D mask,
+`prefix-mask`) and the packed layout (one padding-free row, position ids restarting per sequence) give the padded
 layout's per-pair log-probs and gradients, on the tiny test model and on the real pretrained stories260K, with sdpa
 and eager attention; so do the engine wrapper PairLogps and regional torch.compile; and the length-grouped training
 order is deterministic and covers every pair exactly once."""
@@ -12,7 +13,7 @@ import pytest
 import torch
 
 from sdpo_cli.batching import LengthGroupedBatchSampler, length_grouped_batches
-from sdpo_cli.collate import collate_pairs, layout_unsupported, pair_lengths
+from sdpo_cli.collate import collate_pairs, layout_unsupported, pair_lengths, prefix_mask, resolve_layout
 from sdpo_cli.logprobs import completion_logps
 from sdpo_cli.scoring import score_pairs
 
@@ -45,6 +46,19 @@ def model(request, tiny_model_dir):
     return load(path, attn)
 
 
+LAYOUTS = ["prefix-pieces", "prefix-mask", "packed"]  # each compared with the padded layout
+
+
+def use(model, layout: str) -> str:
+    """The collate layout for a LAYOUTS entry, with the model's prefix attention set as `sdpo` sets it
+    (runtime.prefix_attention; eager models always take the mask)."""
+    if layout == "padded":
+        return layout
+    layout, _, attention = layout.partition("-")
+    assert resolve_layout(layout, model, prefix_attention=attention or "pieces") == layout
+    return layout
+
+
 def test_prefix_collate_layout():
     pairs = [{"prompt_ids": [1, 5, 6], "chosen_ids": [7, 8], "rejected_ids": [9]},
              {"prompt_ids": [1, 5], "chosen_ids": [10, 11, 12], "rejected_ids": [13, 14]}]
@@ -58,13 +72,15 @@ def test_prefix_collate_layout():
     assert b.targets.tolist() == [7, 8, 9, 10, 11, 12, 13, 14]
     assert b.segment.tolist() == [0, 0, 1, 2, 2, 2, 3, 3]
     assert b.chosen_tokens.tolist() == [2, 3] and b.rejected_tokens.tolist() == [1, 2]
-    assert b.attention_mask.shape == (2, 1, 7, 7) and b.attention_mask.dtype == torch.bool
-    m = b.attention_mask[1, 0].int().tolist()
+    assert b.attention_mask is None  # built from the lengths only where the attention needs one
+    mask = prefix_mask(b)
+    assert mask.shape == (2, 1, 7, 7) and mask.dtype == torch.bool
+    m = mask[1, 0].int().tolist()
     assert m[1] == [1, 1, 0, 0, 0, 0, 0]  # prompt: causal
     assert m[4] == [1, 1, 1, 1, 1, 0, 0]  # last chosen token: prompt + chosen
     assert m[5] == [1, 1, 0, 0, 0, 1, 0]  # first rejected token: prompt + itself, never the chosen reply
     assert m[6] == [1, 1, 0, 0, 0, 1, 1]
-    m = b.attention_mask[0, 0].int().tolist()
+    m = mask[0, 0].int().tolist()
     assert m[6] == [0, 0, 0, 0, 0, 0, 1]  # padding attends to itself only (no fully masked softmax row)
     assert all(m[q][6] == 0 for q in range(6))  # and nobody attends to padding
     moved = b.to("cpu")
@@ -94,8 +110,9 @@ def test_packed_collate_layout():
     assert moved.layout == "packed" and moved.max_seqlen == 5 and torch.equal(moved.cu_seqlens, b.cu_seqlens)
 
 
-@pytest.mark.parametrize("layout", ["prefix", "packed"])
+@pytest.mark.parametrize("layout", LAYOUTS)
 def test_layout_equals_padded_forward(model, layout):
+    layout = use(model, layout)
     pairs = random_pairs(model.config.vocab_size, 7, seed=1)
     with torch.no_grad():
         padded = completion_logps(model, collate_pairs(pairs, pad_id=0))
@@ -107,8 +124,9 @@ def test_layout_equals_padded_forward(model, layout):
             assert other_pad[j][i].item() == pytest.approx(prefix[j][i].item(), abs=1e-5, rel=1e-6)
 
 
-@pytest.mark.parametrize("layout", ["prefix", "packed"])
+@pytest.mark.parametrize("layout", LAYOUTS)
 def test_layout_invariant_to_batch_composition(model, layout):
+    layout = use(model, layout)
     pairs = random_pairs(model.config.vocab_size, 5, seed=4)
     with torch.no_grad():
         together = completion_logps(model, collate_pairs(pairs, pad_id=0, layout=layout))
@@ -118,8 +136,9 @@ def test_layout_invariant_to_batch_composition(model, layout):
                 assert alone[j][0].item() == pytest.approx(together[j][i].item(), abs=1e-5, rel=1e-6)
 
 
-@pytest.mark.parametrize("layout", ["prefix", "packed"])
+@pytest.mark.parametrize("layout", LAYOUTS)
 def test_layout_equals_padded_gradients(model, layout):
+    layout = use(model, layout)
     pairs = random_pairs(model.config.vocab_size, 4, seed=2)
     params = [p for p in model.parameters() if p.requires_grad]
     grads = []
@@ -133,8 +152,9 @@ def test_layout_equals_padded_gradients(model, layout):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-5 * max(1.0, a.abs().max().item()))
 
 
-@pytest.mark.parametrize("layout", ["prefix", "packed"])
+@pytest.mark.parametrize("layout", LAYOUTS)
 def test_score_pairs_same_numbers_in_every_layout(model, layout):
+    layout = use(model, layout)
     pairs = random_pairs(model.config.vocab_size, 9, seed=3)
     padded = score_pairs(model, pairs, pad_id=0, batch_size=4, device="cpu")
     prefix = score_pairs(model, pairs, pad_id=0, batch_size=4, device="cpu", layout=layout)
@@ -391,3 +411,81 @@ def test_prepared_pair_logps_runs_under_accelerate_autocast(tiny_model_dir):
         AcceleratorState._reset_state(reset_partial_state=True)
     assert torch.equal(trained[0], scored[0]) and torch.equal(trained[1], scored[1])
     assert not torch.equal(trained[0], plain[0])  # bf16 matmuls really ran
+
+
+def test_prefix_pieces_build_no_mask_and_match_the_mask(tiny_model_dir):
+    """Under sdpa the prefix layout's attention runs as two causal pieces per row (sdpo_cli/attention.py): no
+    [L, L] mask is built, the model's own attention really calls the pieces, and log-probs and gradients equal the
+    explicit mask's; `mask` switches the model back."""
+    from transformers import AttentionInterface
+
+    from sdpo_cli import attention
+    from sdpo_cli.logprobs import _attention_inputs
+
+    model = load(tiny_model_dir)
+    batch = collate_pairs(random_pairs(model.config.vocab_size, 5, seed=11), pad_id=0, layout="prefix")
+    params = [p for p in model.parameters() if p.requires_grad]
+    calls, out = [], {}
+
+    def counted(*args, **kwargs):
+        calls.append(kwargs.get("sdpo_prefix") is not None)
+        return attention.prefix_pieces_attention(*args, **kwargs)
+
+    for choice in ("mask", "pieces"):
+        assert resolve_layout("prefix", model, prefix_attention=choice) == "prefix"
+        inputs = _attention_inputs(model, batch)
+        if choice == "pieces":
+            assert inputs["attention_mask"].numel() == 1  # a placeholder, not an L x L mask
+            assert inputs["sdpo_prefix"] == tuple(
+                (int(p), int(c), int(r)) for p, c, r in zip(batch.prompt_tokens, batch.chosen_tokens,
+                                                            batch.rejected_tokens))
+        else:
+            assert inputs["attention_mask"].shape[-2:] == (batch.input_ids.shape[1],) * 2
+        calls.clear()
+        AttentionInterface.register(attention.PIECES, counted)
+        try:
+            chosen, rejected = completion_logps(model, batch)
+        finally:
+            AttentionInterface.register(attention.PIECES, attention.prefix_pieces_attention)
+        assert calls == ([True] * model.config.num_hidden_layers if choice == "pieces" else [])
+        loss = -torch.nn.functional.logsigmoid(0.1 * (1.3 * chosen - rejected)).sum()
+        out[choice] = (chosen.detach(), rejected.detach(), torch.autograd.grad(loss, params))
+    (c1, r1, g1), (c2, r2, g2) = out["mask"], out["pieces"]
+    assert torch.allclose(c1, c2, atol=1e-5) and torch.allclose(r1, r2, atol=1e-5)
+    for a, b in zip(g1, g2):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-5 * max(1.0, a.abs().max().item()))
+
+
+@pytest.mark.parametrize("attention", ["pieces", "mask"])
+def test_gradient_checkpointing_gives_the_plain_gradients(tiny_model_dir, attention):
+    """train.gradient_checkpointing (and `auto` when it turns on) recomputes each layer in backward: the same
+    log-probs and gradients as the plain path, with the prefix pieces too (their lengths reach the recomputed
+    layers as keyword arguments)."""
+    pairs = random_pairs(64, 4, seed=12)
+    out = []
+    for checkpointed in (False, True):
+        model = load(tiny_model_dir)
+        model.train()
+        resolve_layout("prefix", model, prefix_attention=attention)
+        if checkpointed:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        chosen, rejected = completion_logps(model, collate_pairs(pairs, pad_id=0, layout="prefix"))
+        loss = -torch.nn.functional.logsigmoid(0.1 * (1.3 * chosen - rejected)).sum()
+        out.append((loss.detach(), torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad])))
+    (l1, g1), (l2, g2) = out
+    assert torch.equal(l1, l2)
+    for a, b in zip(g1, g2):
+        assert torch.allclose(a, b, rtol=1e-6, atol=1e-7 * max(1.0, a.abs().max().item()))
+
+
+def test_prefix_pieces_refuse_a_model_that_drops_the_lengths():
+    """An architecture whose decoder does not hand keyword arguments to its attention would deliver the placeholder
+    mask without the lengths, and sdpa would attend to every position: an error naming the switch instead."""
+    from types import SimpleNamespace
+
+    from sdpo_cli.attention import prefix_pieces_attention
+
+    q = torch.zeros(1, 2, 5, 4)
+    placeholder = torch.ones(1, 1, 1, 1, dtype=torch.bool)
+    with pytest.raises(RuntimeError, match="runtime.prefix_attention=mask"):
+        prefix_pieces_attention(SimpleNamespace(), q, q, q, placeholder)
