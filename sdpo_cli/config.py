@@ -235,7 +235,7 @@ class TrainConfig:
     # activations would need more than train.activation_budget_gb; sdpo_cli/memory.py, docs/performance.md)
     gradient_checkpointing: Any = "auto"
     # auto's budget in GB; null: what the model's training state (weights, gradients, AdamW moments) already takes
-    # on each process, i.e. checkpoint once activations would more than double the memory
+    # on each process, at least 0.5 GB, i.e. checkpoint once activations would more than double the memory
     activation_budget_gb: Optional[float] = None
     disable_dropout: bool = True  # as TRL: dropout would make the ln 2 check and the reference pass noisy
     shuffle: bool = True

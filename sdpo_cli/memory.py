@@ -5,9 +5,11 @@ on the bench model, docs/performance.md "Long pairs") for memory (at 4K: 1,640 M
 pays when activations dominate memory, which is a matter of length: saved activations grow with the tokens of a
 micro-batch, the model's training state does not. `auto` therefore compares an estimate of the longest micro-batch's
 activations with a budget, train.activation_budget_gb, by default the bytes the training state itself takes on this
-process (weights, plus gradients and two AdamW moments of the trainable ones; a shard of them under FSDP / ZeRO-3):
-checkpointing turns on once activations would more than double the memory. Short pairs train at full speed, long
-ones lean (the bench model at 4K tokens per sequence: 0.79 GB estimated against a 0.33 GB state).
+process (weights, plus gradients and two AdamW moments of the trainable ones; a shard of them under FSDP / ZeRO-3)
+but at least MIN_BUDGET_GB: checkpointing turns on once activations would more than double the memory, and never for
+the few hundred MB a small model's short pairs need (the test models and the demo would otherwise always checkpoint,
+their state being tiny). Short pairs train at full speed, long ones lean (the bench model at 4K tokens per sequence:
+0.79 GB estimated against a 0.33 GB state and the 0.5 GB floor; at 1K, 0.2 GB: off).
 
 Not all-or-nothing: where transformers can checkpoint every n-th layer only (`activation_checkpointing_enable(
 every_n_layers=n)`, transformers 5), `auto` checkpoints the fewest layers that bring the kept activations within the
@@ -20,6 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 GB = 1e9
+MIN_BUDGET_GB = 0.5  # the default budget's floor
 
 
 def activation_bytes(config, positions: int, value_bytes: int) -> int:
@@ -75,8 +78,10 @@ def decide(setting, model, *, positions: int, value_bytes: int, budget_gb: float
     from sdpo_cli.collate import model_config
 
     need = activation_bytes(model_config(model), positions, value_bytes)
-    budget = budget_gb * GB if budget_gb is not None else state_bytes(model, shards)
-    what = "train.activation_budget_gb" if budget_gb is not None else "the training state"
+    state = state_bytes(model, shards)
+    budget = budget_gb * GB if budget_gb is not None else max(state, MIN_BUDGET_GB * GB)
+    what = ("train.activation_budget_gb" if budget_gb is not None
+            else "the training state" if state >= MIN_BUDGET_GB * GB else "the default's 0.5 GB floor")
     why = (f"auto: ~{_size(need)} of activations for the longest micro-batch ({positions} positions) "
            f"{'>' if need > budget else '<='} {_size(budget)} ({what})")
     if need <= budget:

@@ -491,24 +491,26 @@ def test_ld_alpha_needs_the_shared_columns_of_reflogp(prepared, tmp_path):
 
 def test_auto_checkpointing_decides_by_budget_and_trains_the_same_weights(prepared, tmp_path):
     """`auto` compares the longest micro-batch's estimated activations with train.activation_budget_gb: the tiny
-    model's activations (1.0 MiB for 236 positions) pass its default budget, its own small training state, so it
-    checkpoints (every 2nd layer on transformers 5, all of them before); a 1 GB budget keeps it off. The decision is
-    logged and in meta.json, and weights and log equal the plain run's bit for bit (recomputation changes no
-    number). The prefix attention's `mask` and a small LM-head chunk train the same weights too."""
+    model's activations (1.0 MiB for 236 positions) stay under the default budget (its training state, at least
+    0.5 GB), so it does not checkpoint; a budget of 0.7 MB turns it on for 1 layer in 2 (transformers 5). The
+    decision is logged and in meta.json, and weights and log equal the plain run's bit for bit (recomputation changes
+    no number). The prefix attention's `mask` and a small LM-head chunk train the same weights too."""
     config, run = prepared
-    auto, result = train(config, run, tmp_path / "auto")
+    plain, result = train(config, run, tmp_path / "auto")
     said = " ".join((result.stderr + result.stdout).split())
-    assert "gradient checkpointing on (auto: ~1.0 MiB of activations for the longest micro-batch (236 positions) >" \
-           in said and "(the training state)" in said
-    plain, result_off = train(config, run, tmp_path / "budget", "train.activation_budget_gb=1")
-    assert "gradient checkpointing off (auto:" in " ".join((result_off.stderr + result_off.stdout).split())
+    assert "gradient checkpointing off (auto: ~1.0 MiB of activations for the longest micro-batch (236 positions) " \
+           "<= 0.50 GB (the default's 0.5 GB floor))" in said
+    auto, result_on = train(config, run, tmp_path / "budget", "train.activation_budget_gb=7e-4")
+    said = " ".join((result_on.stderr + result_on.stdout).split())
+    assert "gradient checkpointing on (auto: ~1.0 MiB of activations for the longest micro-batch (236 positions) " \
+           "> 0.7 MiB (train.activation_budget_gb); 1 layer in 2)" in said
 
     def meta(name):
         return json.loads((tmp_path / name / "checkpoints" / "step-1" / "meta.json").read_text())
 
-    assert meta("auto")["gradient_checkpointing"] is True and meta("budget")["gradient_checkpointing"] is False
-    reference = weights(tmp_path / "budget" / "checkpoints" / "step-1")
-    assert max_diff(reference, weights(tmp_path / "auto" / "checkpoints" / "step-1")) == 0.0
+    assert meta("auto")["gradient_checkpointing"] is False and meta("budget")["gradient_checkpointing"] is True
+    reference = weights(tmp_path / "auto" / "checkpoints" / "step-1")
+    assert max_diff(reference, weights(tmp_path / "budget" / "checkpoints" / "step-1")) == 0.0
     assert_same_records(plain, auto, abs_tol=0.0)
     # auto hashes as the old default, false: a run made with `false` (before auto existed) is not stale
     again = sdpo("train", "--step", "1", str(config), f"run_dir={tmp_path / 'auto'}",
@@ -522,16 +524,21 @@ def test_auto_checkpointing_decides_by_budget_and_trains_the_same_weights(prepar
         assert_same_records(plain, records, abs_tol=1e-5)
 
 
-def test_checkpointing_decision_by_hand(tiny_model_dir):
+def test_checkpointing_decision_by_hand(tiny_model_dir, monkeypatch):
     """memory.decide on the tiny model (hidden 32, MLP 64, 2 layers, fp32): activations are positions × layers ×
-    (4 × 64 + 10 × 32) values × 4 bytes = 4,608 bytes a position; the default budget is the training state,
-    weights + gradients + 2 AdamW moments = 4 × the weights' bytes (a shard of it under FSDP / ZeRO-3)."""
+    (4 × 64 + 10 × 32) values × 4 bytes = 4,608 bytes a position; the budget here is the training state, weights +
+    gradients + 2 AdamW moments = 4 × the weights' bytes (a shard of it under FSDP / ZeRO-3), which the default
+    raises to 0.5 GB for so small a model."""
+    from sdpo_cli import memory
     from sdpo_cli.memory import activation_bytes, decide, state_bytes
 
     model = load_model(tiny_model_dir)
     assert activation_bytes(model.config, 10, 4) == 10 * 2 * (4 * 64 + 10 * 32) * 4
     weights_bytes = sum(p.numel() * 4 for p in model.parameters())
     assert state_bytes(model) == 4 * weights_bytes and state_bytes(model, shards=2) == 2 * weights_bytes
+    assert not decide("auto", model, positions=10**5, value_bytes=4, budget_gb=None).on  # 0.46 GB < the floor
+    assert decide("auto", model, positions=2 * 10**5, value_bytes=4, budget_gb=None).on
+    monkeypatch.setattr(memory, "MIN_BUDGET_GB", 0.0)  # the state alone
     break_even = 4 * weights_bytes // 4608  # positions whose activations equal the state
     assert not decide("auto", model, positions=break_even, value_bytes=4, budget_gb=None).on
     assert decide("auto", model, positions=break_even + 1, value_bytes=4, budget_gb=None).on
