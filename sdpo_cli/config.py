@@ -263,6 +263,10 @@ class LoraConfig:
 @dataclass
 class InferenceConfig:
     batch_size: int = 16  # pairs per forward pass in reflogp, gamma and curriculum scoring
+    # whether reflogp and gamma shard the scoring model over the processes as train shards the target (sdpo_cli/
+    # scoring.py): auto (under an FSDP or ZeRO-3 launch, not otherwise) | true (the launch must be FSDP or ZeRO-3) |
+    # false (every process holds the whole model). In no fingerprint: the same numbers to float rounding.
+    shard: str = "auto"
 
 
 @dataclass
@@ -933,9 +937,19 @@ def _peft_problems(cfg: SdpoConfig) -> List[Problem]:
 
 
 def _inference_problems(cfg: SdpoConfig) -> List[Problem]:
+    problems = []
     if cfg.inference.batch_size < 1:
-        return [Problem("inference.batch_size", "must be at least 1", "e.g. inference.batch_size=16")]
-    return []
+        problems.append(Problem("inference.batch_size", "must be at least 1", "e.g. inference.batch_size=16"))
+    if inference_shard(cfg) is ...:
+        problems.append(Problem("inference.shard", f"must be auto, true or false, not {cfg.inference.shard!r}",
+                                "e.g. inference.shard=auto"))
+    return problems
+
+
+def inference_shard(cfg: SdpoConfig):
+    """inference.shard as None (auto), True or False; Ellipsis if it is none of them. YAML's true / false arrive as
+    the strings 'True' / 'False' (the key is a string, for `auto`)."""
+    return {"auto": None, "true": True, "false": False}.get(str(cfg.inference.shard).lower(), ...)
 
 
 def _runtime_problems(cfg: SdpoConfig) -> List[Problem]:

@@ -1,4 +1,5 @@
-"""Processes: one Accelerator per stage, a guard against silently training alone, and rank-0-first work.
+"""Processes: one Accelerator per stage, a guard against silently training alone, rank-0-first work, and which
+engine shards the model (FSDP, ZeRO-3) and how it is loaded then.
 
 Run as: any stage under `accelerate launch [--config_file configs/accelerate/<ddp|fsdp|zero2|zero3>.yaml] -m sdpo_cli`.
 """
@@ -22,7 +23,28 @@ def make_accelerator(ctx: RunContext, **kwargs):
 
     accelerator = Accelerator(**kwargs)
     check_world(accelerator.num_processes, ctx)
+    _fsdp_on_cpu(accelerator)
     return accelerator
+
+
+def _fsdp_on_cpu(accelerator) -> None:
+    """An FSDP launch on CPU (ACCELERATE_USE_CPU=1, gloo) made FSDP. accelerate 1.16 turns ACCELERATE_USE_FSDP into
+    FSDP only on GPU-like devices: on CPU the same launch silently became plain multi-process CPU (DDP over gloo),
+    every process holding the whole model. torch's FSDP2 (`fully_shard`) runs on CPU over gloo, so the state is set
+    as accelerate sets it on GPUs, with the plugin read from the launch's environment (FSDP_VERSION,
+    FSDP_CPU_RAM_EFFICIENT_LOADING, ...). The state is process-wide: later Accelerators of this process share it."""
+    from accelerate import PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin, parse_flag_from_env
+
+    state = accelerator.state
+    if state.distributed_type != DistributedType.MULTI_CPU or not parse_flag_from_env("ACCELERATE_USE_FSDP"):
+        return
+    plugin = FullyShardedDataParallelPlugin()
+    if accelerator.mixed_precision != "no":
+        plugin.set_mixed_precision(accelerator.mixed_precision)
+    state.distributed_type, state.fsdp_plugin = DistributedType.FSDP, plugin
+    # every later AcceleratorState() (accelerate makes some inside prepare) copies the type from PartialState's
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
 
 
 @contextmanager
@@ -56,3 +78,28 @@ def wait_for_ranks(ctx: RunContext) -> None:
     from accelerate.utils import parse_flag_from_env
 
     PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU")).wait_for_everyone()
+
+
+def zero3(accelerator) -> bool:
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    return plugin is not None and plugin.deepspeed_config.get("zero_optimization", {}).get("stage") == 3
+
+
+def sharded(accelerator) -> bool:
+    """FSDP or ZeRO-3: each process holds shards of the parameters; full tensors come from get_state_dict."""
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type == DistributedType.FSDP or zero3(accelerator)
+
+
+def loads_empty(accelerator) -> bool:
+    """Whether this process may skip reading the weights: FSDP2 with `fsdp_cpu_ram_efficient_loading` (the shipped
+    configs/accelerate/fsdp.yaml), on every rank but the main one. accelerate's `prepare` then moves those ranks'
+    models to the meta device and broadcasts the main process's weights into every rank's shard
+    (accelerate.utils.fsdp_utils.fsdp2_load_full_state_dict), so what they had loaded was never used: 1 copy of the
+    model in host memory instead of one per process. transformers 5.24's `from_pretrained` does not do this itself
+    under FSDP (its `is_fsdp_enabled` only changes how missing keys and buffers are initialised; only ZeRO-3 loads on
+    rank 0 alone, through `zero3_init_flag`)."""
+    plugin = getattr(accelerator.state, "fsdp_plugin", None)
+    return (plugin is not None and plugin.fsdp_version == 2 and bool(plugin.cpu_ram_efficient_loading)
+            and not accelerator.is_main_process)

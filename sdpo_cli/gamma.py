@@ -39,7 +39,7 @@ from sdpo_cli.fingerprints import (
     stale_reason,
     train_fp,
 )
-from sdpo_cli.models import check_base, disable_dropout, finished_checkpoints, load_model, named_model
+from sdpo_cli.models import check_base, finished_checkpoints, named_model
 from sdpo_cli.rundir import RunDir, file_fingerprint, read_meta, write_json_atomic, writing
 
 
@@ -224,19 +224,16 @@ class _Scorer:
         self.accelerator = make_accelerator(ctx, mixed_precision=cfg.train.mixed_precision)
 
     def gammas(self, source: str, pairs, description: str) -> list[float]:
-        from sdpo_cli.attention import prefix_attention
-        from sdpo_cli.collate import resolve_layout
-        from sdpo_cli.scoring import score_pairs_sharded
+        from sdpo_cli.scoring import load_scoring_model, score_pairs_sharded
 
-        model = load_model(self.cfg.model, source).to(self.accelerator.device)
-        disable_dropout(model)
-        layout = resolve_layout(self.cfg.train.layout, model, self.cfg.data.max_length, warn=self.ctx.warn,
-                                prefix_attention=prefix_attention(self.cfg))
+        # under FSDP / ZeRO-3 sharded like train's target (inference.shard)
+        model, layout = load_scoring_model(self.cfg, self.accelerator, source, warn=self.ctx.warn)
         with self.ctx.progress() as bar:
             chosen, rejected = score_pairs_sharded(self.accelerator, model, pairs, pad_id=self.tok.pad_token_id,
                                                    batch_size=self.cfg.inference.batch_size, progress=bar,
                                                    description=description, layout=layout)
         del model
+        self.accelerator.free_memory()  # a prepared model: before the next checkpoint loads
         return [c - r for c, r in zip(chosen, rejected)]
 
 

@@ -373,9 +373,17 @@ def load_hint(cfg: ModelConfig, source: str | Path, error: BaseException | None,
     return f"{'model.base' if str(source) == str(cfg.base) else 'the model'} must be {needed}"
 
 
-def load_model(cfg: ModelConfig, path: str | Path | None = None, *, train: bool = False):
-    """A causal LM from a hub id or folder; dropout is left to the caller, eval mode unless `train`."""
+def load_model(cfg: ModelConfig, path: str | Path | None = None, *, train: bool = False, empty: bool = False):
+    """A causal LM from a hub id or folder; dropout is left to the caller, eval mode unless `train`.
+
+    `empty`: the model's structure only, its weights on the meta device (no memory, nothing read but config.json),
+    for the processes of an FSDP2 launch whose weights `prepare` replaces with the main process's
+    (distributed.loads_empty). Buffers computed at construction (rotary frequencies) are real: accelerate keeps them.
+    """
     from transformers import AutoModelForCausalLM
+
+    if empty and not cfg.quantization:  # bitsandbytes layers cannot be built on meta: quantized models load whole
+        return _empty_model(cfg, path, train)
 
     source = str(path or cfg.base)
     kwargs = dict(_hub_kwargs(cfg))
@@ -410,6 +418,24 @@ def load_model(cfg: ModelConfig, path: str | Path | None = None, *, train: bool 
     if cfg.quantization:
         _prepare_quantized(model)
     model.config.use_cache = False  # never needed here, and the cache defeats packed-sequence masks
+    model.train(train)
+    return model
+
+
+def _empty_model(cfg: ModelConfig, path: str | Path | None, train: bool):
+    import torch
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    source = str(path or cfg.base)
+    config = AutoConfig.from_pretrained(source, **_hub_kwargs(cfg))
+    # the dtype load_model's main process gets, which accelerate casts the broadcast weights to
+    dtype = (getattr(config, "dtype", None) or torch.float32) if cfg.dtype == "auto" else DTYPES[cfg.dtype]
+    kwargs = {"attn_implementation": cfg.attn_implementation} if cfg.attn_implementation else {}
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=cfg.trust_remote_code,
+                                                 **kwargs)
+    model.config.use_cache = False
     model.train(train)
     return model
 

@@ -14,8 +14,6 @@ import time
 from pathlib import Path
 
 from sdpo_cli import integrity
-from sdpo_cli.attention import prefix_attention
-from sdpo_cli.collate import resolve_layout
 from sdpo_cli.config import SdpoConfig
 from sdpo_cli.context import RunContext
 from sdpo_cli.distributed import make_accelerator
@@ -23,15 +21,13 @@ from sdpo_cli.errors import SdpoError
 from sdpo_cli.fingerprints import data_fp, logps_fp, reflogp_fp, require_data, require_step
 from sdpo_cli.models import (
     check_base,
-    disable_dropout,
-    load_model,
     model_identity,
     reference_model,
     tokenizer_identity,
     warn_if_pretrained,
 )
 from sdpo_cli.rundir import RunDir, check_not_stale, writing
-from sdpo_cli.scoring import score_pairs_sharded
+from sdpo_cli.scoring import load_scoring_model, score_pairs_sharded, shard_figures
 from sdpo_cli.split import held_out_key
 
 
@@ -64,16 +60,14 @@ def run_reflogp(cfg: SdpoConfig, step: int, *, force: bool = False, ctx: RunCont
         raise SdpoError(f"{reference}: the reference's tokenizer differs from the base model's",
                         hint="DPO compares log-probs of the same tokens: use a reference with the base's tokenizer")
     accelerator = make_accelerator(ctx, mixed_precision=cfg.train.mixed_precision)
-    model = load_model(cfg.model, reference).to(accelerator.device)
-    disable_dropout(model)
-    # train's layout, so that update 0 matches exactly
-    layout = resolve_layout(cfg.train.layout, model, cfg.data.max_length, warn=ctx.warn,
-                            prefix_attention=prefix_attention(cfg))
+    # under FSDP / ZeRO-3 sharded like train's target (inference.shard), with train's layout so that update 0 matches
+    model, layout = load_scoring_model(cfg, accelerator, reference, warn=ctx.warn)
     for data_path, out, fp in todo:
         _score(cfg, step, ctx, accelerator, model, data_path, out,
                meta={"stage": "reflogp", "step": step, "started": started, "fingerprint": fp, "inputs": fp.inputs,
                      "reference": reference,
                      "reference_identity": model_identity(reference), "data": run.rel(data_path), "layout": layout})
+    accelerator.free_memory()  # the prepared model: `run` trains next in this process
     return parts[0][1]
 
 
@@ -92,7 +86,8 @@ def _score(cfg: SdpoConfig, step: int, ctx: RunContext, accelerator, model, data
             batch_size=cfg.inference.batch_size, progress=bar, description=f"reflogp step {step}",
             layout=meta["layout"], shared=True)
     gammas = [c - r for c, r in zip(chosen, rejected)]
-    meta = meta | {"rows": len(gammas), "gamma_ref_mean": statistics.fmean(gammas)}
+    meta = meta | {"rows": len(gammas), "gamma_ref_mean": statistics.fmean(gammas),
+                   "engine": shard_figures(accelerator, model)}
     if accelerator.is_main_process:
         table = datasets.Dataset.from_dict({
             "id": pairs["id"], "ref_chosen_logp": chosen, "ref_rejected_logp": rejected, "gamma_ref": gammas,

@@ -267,19 +267,14 @@ def pearson(x: list[float], y: list[float]) -> float | None:
 def _base_logps(cfg: SdpoConfig, pairs: list[dict], tok, bar, ctx: RunContext) -> tuple[list[float], list[float]]:
     from accelerate import Accelerator
 
-    from sdpo_cli.attention import prefix_attention
-    from sdpo_cli.collate import resolve_layout
-    from sdpo_cli.models import disable_dropout, load_model
-    from sdpo_cli.scoring import score_pairs
+    from sdpo_cli.scoring import load_scoring_model, score_pairs
 
     accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision)
-    model = load_model(cfg.model).to(accelerator.device)
-    disable_dropout(model)
+    # the main process alone (the others wait for data/): the whole base model, whatever inference.shard says
+    model, layout = load_scoring_model(cfg, accelerator, warn=ctx.warn, alone=True)
     chosen, rejected = score_pairs(model, pairs, pad_id=tok.pad_token_id, batch_size=cfg.inference.batch_size,
                                    device=accelerator.device, autocast=accelerator.autocast, progress=bar,
-                                   description="curriculum: γ under base",
-                                   layout=resolve_layout(cfg.train.layout, model, cfg.data.max_length, warn=ctx.warn,
-                                                         prefix_attention=prefix_attention(cfg)))
+                                   description="curriculum: γ under base", layout=layout)
     return chosen, rejected
 
 

@@ -30,7 +30,9 @@ from sdpo_cli.batching import WeightedPairs, train_batches, update_totals
 from sdpo_cli.collate import PairBatch, collate_pairs, pair_length, resolve_layout
 from sdpo_cli.config import SdpoConfig, TrainConfig, section
 from sdpo_cli.context import RunContext
-from sdpo_cli.distributed import make_accelerator
+from sdpo_cli.distributed import loads_empty, make_accelerator
+from sdpo_cli.distributed import sharded as _sharded
+from sdpo_cli.distributed import zero3 as _zero3
 from sdpo_cli.errors import ArtifactError, ConfigError, Interrupted, SdpoError
 from sdpo_cli.fingerprints import data_fp, logps_fp, reflogp_fp, require_data, require_step, train_fp
 from sdpo_cli.logprobs import PairLogps, policy_logps
@@ -81,8 +83,9 @@ def run_train(cfg: SdpoConfig, step: int, *, force: bool = False, redo_stale: bo
     from accelerate.utils import set_seed
 
     set_seed(cfg.seed)
-    target = Target.load(cfg, inputs, ctx, rows=rows,
-                         shards=accelerator.num_processes if _sharded(accelerator) else 1)
+    # FSDP2 with CPU-RAM-efficient loading: only the main process reads M_{t-1}; prepare broadcasts it into the shards
+    target = Target.load(cfg, inputs, ctx, rows=rows, shards=accelerator.num_processes if _sharded(accelerator) else 1,
+                         empty=loads_empty(accelerator))
     loader = _loader(rows, target, tr, seed=cfg.seed + step, world=accelerator.num_processes)
     optimizer = _optimizer(tr, target.model, accelerator)
     _check_engine(accelerator, cfg)
@@ -276,12 +279,13 @@ class Target:
     checkpointing: Checkpointing  # train.gradient_checkpointing as decided for this step (sdpo_cli/memory.py)
 
     @classmethod
-    def load(cls, cfg: SdpoConfig, inputs: StepInputs, ctx: RunContext, *, rows: list[dict],
-             shards: int = 1) -> Target:
-        """M_{t-1} (or S) ready to train on `rows`; `shards`: processes the engine divides the weights over."""
+    def load(cls, cfg: SdpoConfig, inputs: StepInputs, ctx: RunContext, *, rows: list[dict], shards: int = 1,
+             empty: bool = False) -> Target:
+        """M_{t-1} (or S) ready to train on `rows`; `shards`: processes the engine divides the weights over; `empty`:
+        built without weights (FSDP2's RAM-efficient loading on the non-main processes)."""
         tr, step = cfg.train, inputs.step
         init = target_init_model(cfg, inputs.run, step)
-        model = load_model(cfg.model, init, train=True)
+        model = load_model(cfg.model, init, train=True, empty=empty)
         if tr.disable_dropout:
             disable_dropout(model)
         if cfg.peft.enabled:
@@ -520,9 +524,10 @@ class HeldOut:
     Their reference log-probs were computed by `reflogp` under this step's reference (reflogp/eval-step-t), as the
     training pairs' were: in sDPO the reference changes every step, so no number of an earlier step's is reused.
     Scored before the first update (target == reference: eval/loss is the loss's value at δ = 0, ln 2 for sigmoid),
-    every train.eval_every updates and at the step's end. In one process or under DDP each process scores its share
-    of length-sorted batches with the unwrapped model; under FSDP / ZeRO-3 every process runs every batch through the
-    wrapped target (their collectives must match) and the main process counts them."""
+    every train.eval_every updates and at the step's end. Each process scores its share of length-sorted batches: in
+    one process or under DDP with the unwrapped model; under FSDP / ZeRO-3 through the wrapped target, whose
+    all-gathers are collectives, so a process short of batches re-runs the first one, counted for nothing, until
+    every process has run as many forwards."""
 
     def __init__(self, cfg: SdpoConfig, rows: list[dict], target: Target):
         from sdpo_cli.batching import length_sorted_batches
@@ -536,13 +541,15 @@ class HeldOut:
         spec = LossSpec.from_config(dpo)
         sums = MetricSums(accelerator.device, spec)
         model = policy if sharded else accelerator.unwrap_model(policy).model
-        batches = self.batches if sharded else self.batches[accelerator.process_index::accelerator.num_processes]
-        counts = 1.0 if accelerator.is_main_process or not sharded else 0.0
+        world = accelerator.num_processes
+        batches = [(idx, 1.0) for idx in self.batches[accelerator.process_index::world]]
+        if sharded:
+            batches += [(self.batches[0], 0.0)] * (-(-len(self.batches) // world) - len(batches))
         was_training = policy.training
         policy.eval()
         collate = PairCollator(self.target.pad_id, self.target.layout)
         with torch.no_grad(), accelerator.autocast():
-            for idx in batches:
+            for idx, counts in batches:
                 batch, ref, weight = collate([(self.rows[i], True) for i in idx])
                 batch, ref = batch.to(accelerator.device), ref.to(accelerator.device)
                 out = model(batch) if sharded else policy_logps(model, batch, shared=spec.ld_alpha is not None,
@@ -1026,15 +1033,3 @@ def _check_engine(accelerator, cfg: SdpoConfig) -> None:
     if cfg.model.quantization and _sharded(accelerator):
         raise ConfigError("model.quantization with FSDP or ZeRO-3: sharding a bitsandbytes-quantized model is not "
                           "supported", hint="QLoRA runs in one process or under DDP (configs/accelerate/ddp.yaml)")
-
-
-def _zero3(accelerator) -> bool:
-    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
-    return plugin is not None and plugin.deepspeed_config.get("zero_optimization", {}).get("stage") == 3
-
-
-def _sharded(accelerator) -> bool:
-    """FSDP or ZeRO-3: each process holds shards of the parameters; full tensors come from get_state_dict."""
-    from accelerate.utils import DistributedType
-
-    return accelerator.distributed_type == DistributedType.FSDP or _zero3(accelerator)

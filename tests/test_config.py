@@ -380,7 +380,7 @@ def config_before_choices(tmp_path_factory):
 # keys added since BEFORE_CHOICES inside existing sections, with their defaults: the fingerprints leave them out at
 # these values (fingerprints.split_fp, NOT_WEIGHTS), so runs made before they existed stay current
 ADDED_KEYS = {"data": {"drop_ties": False}, "split": {"eval_fraction": 0.0, "curriculum_score": "gamma"},
-              "train": {"eval_every": 0, "activation_budget_gb": None},
+              "train": {"eval_every": 0, "activation_budget_gb": None}, "inference": {"shard": "auto"},
               "runtime": {"prefix_attention": "auto", "head_chunk_mb": 32.0},
               # TRL's losses and modifiers: train_fp leaves them out at these values (fingerprints.dpo_hashed)
               "dpo": {"loss_weights": None, "ld_alpha": None, "use_weighting": False,

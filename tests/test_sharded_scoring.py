@@ -1,0 +1,134 @@
+"""The reference pass sharded like training (issue 15): under an FSDP2 launch `reflogp` and `gamma` wrap the scoring
+model in PairLogps and `accelerator.prepare` it, so each process holds half the weights of 2, every process scores
+its share of the pairs (dummy forwards where a process has fewer batches: the all-gathers are collectives), and the
+numbers equal one process's; `train` of the same step still passes its update-0 ln 2 check; and `inference.shard`
+chooses (auto: follow the launch's engine)."""
+
+import json
+import shutil
+import time
+
+import datasets
+import pytest
+
+from tests.conftest import run_cli
+from tests.test_distributed import ACCELERATE, launch
+
+
+def test_inference_shard_takes_auto_true_false(tiny_config):
+    from sdpo_cli.config import inference_shard, load_config
+
+    config, _ = tiny_config()
+    assert inference_shard(load_config(config)) is None  # auto, the default
+    assert inference_shard(load_config(config, ["inference.shard=true"])) is True
+    assert inference_shard(load_config(config, ["inference.shard=false"])) is False
+    result = run_cli("reflogp", str(config), "--step", "1", "inference.shard=sometimes")
+    assert result.returncode != 0 and "inference.shard" in result.stderr and "auto, true or false" in result.stderr
+
+
+def test_inference_shard_true_needs_a_sharding_launch(tiny_config):
+    config, run = tiny_config(**{"inference.shard": True})
+    assert run_cli("split", str(config)).returncode == 0
+    result = run_cli("reflogp", str(config), "--step", "1")
+    assert result.returncode != 0
+    assert "inference.shard=true" in result.stderr and "configs/accelerate/fsdp.yaml" in result.stderr
+    assert not (run / "reflogp" / "step-1").exists()
+
+
+def test_inference_shard_is_in_no_fingerprint(tiny_config):
+    """Sharded or not, the same numbers (to float rounding): a reflogp made with inference.shard=false is current
+    for the default (auto), and so is everything after it."""
+    config, run = tiny_config()
+    assert run_cli("split", str(config)).returncode == 0
+    assert run_cli("reflogp", str(config), "--step", "1", "inference.shard=false").returncode == 0
+    again = run_cli("reflogp", str(config), "--step", "1")
+    assert again.returncode == 0 and "reflogp step 1: finished already" in again.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(ACCELERATE is None, reason="accelerate CLI not found")
+def test_sharded_reflogp_and_gamma_equal_one_process(tiny_config, tmp_path):
+    """13 pairs of D_1 in inference batches of 3 (5 batches: rank 1 runs a dummy forward) and 3 held-out pairs (1
+    batch: rank 1 has none and runs a dummy), gamma of M_1 in one batch of 13. Rows equal one process's to 1e-5; each
+    rank holds at most 0.55 of the weights; train step 1 under FSDP passes its ln 2 check on these log-probs."""
+    config, _ = tiny_config(**{"inference.batch_size": 3, "split.eval_fraction": 0.2})
+    single, multi = tmp_path / "single", tmp_path / "multi"
+    for run in (single, multi):
+        assert run_cli("split", str(config), f"run_dir={run}").returncode == 0
+    one = run_cli("reflogp", str(config), "--step", "1", f"run_dir={single}")
+    assert one.returncode == 0, one.stderr
+    started = time.time()
+    two = launch("reflogp", str(config), "--step", "1", f"run_dir={multi}", engine="fsdp")
+    assert two.returncode == 0, two.stderr + two.stdout
+    print(f"2-process FSDP reflogp: {time.time() - started:.1f} s")
+    worst = 0.0
+    for name in ("step-1", "eval-step-1"):
+        a = datasets.load_from_disk(str(single / "reflogp" / name))
+        b = datasets.load_from_disk(str(multi / "reflogp" / name))
+        assert a["id"] == b["id"]  # every row once, in order
+        for key in ("ref_chosen_logp", "ref_rejected_logp", "ref_chosen_logp_shared", "ref_rejected_logp_shared"):
+            assert b[key] == pytest.approx(a[key], abs=1e-5), (name, key)
+            worst = max(worst, max(abs(x - y) for x, y in zip(a[key], b[key])))
+        engine = json.loads((multi / "reflogp" / name / "meta.json").read_text())["engine"]
+        assert engine["processes"] == 2 and engine["sharded"]
+        ratios = [b / engine["param_bytes"] for b in engine["shard_param_bytes"]]
+        assert len(ratios) == 2 and max(ratios) <= 0.55, ratios
+        alone = json.loads((single / "reflogp" / name / "meta.json").read_text())["engine"]
+        assert not alone["sharded"] and alone["shard_param_bytes"] == [alone["param_bytes"]]
+        print(f"reflogp {name}: max |Δ| {worst:.2e}; shard/full bytes per rank {[f'{r:.3f}' for r in ratios]}; "
+              f"peak RSS per rank {[f'{r / 2**20:.0f} MiB' for r in engine['peak_rss_bytes']]} "
+              f"(one process: {alone['peak_rss_bytes'][0] / 2**20:.0f} MiB)")
+
+    trained = launch("train", str(config), "--step", "1", f"run_dir={multi}", engine="fsdp")
+    assert trained.returncode == 0, trained.stderr + trained.stdout
+    assert "ln 2 check ok" in trained.stderr
+    assert json.loads((multi / "checkpoints" / "step-1" / "meta.json").read_text())["first"]["check"] == "ok"
+
+    # M_1 on D_1 was computed by no reflogp: gamma scores it, in 2 sharded processes and then in one
+    args = ("gamma", str(config), f"run_dir={multi}", "--checkpoint", "step-1", "--data", "step-1", "--json",
+            "inference.batch_size=64")
+    cache = multi / "cache" / "logps" / "step-1--step-1"
+    two = launch(*args, engine="fsdp")
+    assert two.returncode == 0, two.stderr + two.stdout
+    sharded = datasets.load_from_disk(str(cache))["gamma"]
+    shutil.rmtree(cache)
+    one = run_cli(*args)
+    assert one.returncode == 0, one.stderr
+    alone = datasets.load_from_disk(str(cache))["gamma"]
+    assert len(sharded) == len(alone) == 13
+    assert sharded == pytest.approx(alone, abs=1e-5)
+    assert json.loads(two.stdout)[0]["mean"] == pytest.approx(json.loads(one.stdout)[0]["mean"], abs=1e-5)
+    print(f"gamma: max |Δ| {max(abs(x - y) for x, y in zip(sharded, alone)):.2e}")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(ACCELERATE is None, reason="accelerate CLI not found")
+def test_sharded_reflogp_of_one_pair_over_two_processes(tiny_config, tmp_path):
+    """One pair and two processes: rank 1 has no batch and must still join every all-gather (no deadlock)."""
+    from tests.conftest import tiny_pairs, write_jsonl
+
+    config, run = tiny_config(**{"data.sources": [{"name": "a", "path": str(tmp_path / "one.jsonl")}]})
+    write_jsonl(tmp_path / "one.jsonl", tiny_pairs(1))
+    assert run_cli("split", str(config)).returncode == 0
+    two = launch("reflogp", str(config), "--step", "1", engine="fsdp")
+    assert two.returncode == 0, two.stderr + two.stdout
+    assert len(datasets.load_from_disk(str(run / "reflogp" / "step-1"))) == 1
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(ACCELERATE is None, reason="accelerate CLI not found")
+def test_the_fixtures_run_end_to_end_under_two_process_fsdp(shared_fixtures, tmp_path):
+    """`sdpo run configs/fixtures.yaml` (the real stories260K model and orca / ultrafeedback rows, 2 steps) under a
+    2-process FSDP2 launch: the reference passes sharded, both steps trained and passing their update-0 check."""
+    from tests.conftest import ROOT
+
+    run = tmp_path / "fixtures"
+    started = time.time()
+    result = launch("run", str(ROOT / "configs" / "fixtures.yaml"), f"run_dir={run}", engine="fsdp")
+    assert result.returncode == 0, result.stderr + result.stdout
+    print(f"fixtures run, 2-process FSDP2: {time.time() - started:.0f} s")
+    for t in (1, 2):
+        engine = json.loads((run / "reflogp" / f"step-{t}" / "meta.json").read_text())["engine"]
+        assert engine["sharded"] and max(engine["shard_param_bytes"]) <= 0.55 * engine["param_bytes"]
+        meta = json.loads((run / "checkpoints" / f"step-{t}" / "meta.json").read_text())
+        assert meta["world_size"] == 2 and meta["first"]["check"] == "ok"
