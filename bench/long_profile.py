@@ -246,9 +246,11 @@ def main() -> None:
     path.write_text(json.dumps(out, indent=1))
 
     print(f"L={a.length} (prefix rows of {out['row_tokens']} tokens), gradient checkpointing {a.gc}, "
+          f"prefix attention {out['prefix_attention']}, "
           f"{n_params / 1e6:.1f}M params")
     print(f"  weights {out['weights_mb']:.0f} MB (LM head {out['head_mb']:.0f}), grads {out['grads_mb']:.0f} MB, "
-          f"AdamW states {out['adam_mb']:.0f} MB, prefix mask {out['mask_mb']:.0f} MB")
+          f"AdamW states {out['adam_mb']:.0f} MB, prefix mask "
+          + (f"{out['mask_mb']:.0f} MB" if out["mask_mb"] is not None else "none (causal pieces)"))
     print("  stage                                              start      end     peak   (RSS, MB)")
     for s in rss.stages:
         print(f"  {s['stage']:<48} {s['start_mb']:8.0f} {s['end_mb']:8.0f} {s['peak_mb']:8.0f}")

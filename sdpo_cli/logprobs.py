@@ -75,6 +75,25 @@ def _chunk_forward(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Te
     return target_logits - lse, lse, mm_dtype, sq
 
 
+def _chunks_forward(hidden, weight, targets, chunk: int, sum_sq: bool):
+    """(log-probs, logsumexp, log Σ p² or None, the matmul's dtype) of every row, one chunk of logits at a time.
+
+    The outputs are allocated before the first chunk and filled in place: small per-chunk results kept across the
+    loop would sit above each chunk's logits in the heap and keep glibc from giving them back (seen: +0.9 GB of RSS
+    for 8,192 tokens at a 32K vocabulary in the reference pass, against one 33 MB chunk)."""
+    out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+    lse = torch.empty_like(out)
+    sq = torch.empty_like(out) if sum_sq else None
+    mm_dtype = torch.float32
+    for start in range(0, hidden.shape[0], chunk):
+        end = start + chunk
+        out[start:end], lse[start:end], mm_dtype, chunk_sq = _chunk_forward(hidden[start:end], weight,
+                                                                           targets[start:end], sum_sq)
+        if sum_sq:
+            sq[start:end] = chunk_sq
+    return out, lse, sq, mm_dtype
+
+
 class _ChunkedHeadLogps(torch.autograd.Function):
     """log p(target | hidden) through a (V, H) head, one chunk of [chunk, V] fp32 logits alive at a time.
 
@@ -85,16 +104,7 @@ class _ChunkedHeadLogps(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, chunk, sum_sq=False):
-        out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
-        lse = torch.empty_like(out)
-        sq = torch.empty_like(out) if sum_sq else None
-        mm_dtype = torch.float32
-        for start in range(0, hidden.shape[0], chunk):
-            end = start + chunk
-            out[start:end], lse[start:end], mm_dtype, chunk_sq = _chunk_forward(hidden[start:end], weight,
-                                                                               targets[start:end], sum_sq)
-            if sum_sq:
-                sq[start:end] = chunk_sq
+        out, lse, sq, mm_dtype = _chunks_forward(hidden, weight, targets, chunk, sum_sq)
         ctx.save_for_backward(hidden, weight, targets, lse)
         ctx.chunk, ctx.mm_dtype = chunk, mm_dtype
         if sum_sq:
@@ -149,10 +159,8 @@ def chunked_token_logps(hidden: torch.Tensor, weight: torch.Tensor, targets: tor
         return (empty, empty) if sum_sq else empty
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
         return _ChunkedHeadLogps.apply(hidden, weight, targets, chunk, sum_sq)
-    parts = [_chunk_forward(hidden[s:s + chunk], weight, targets[s:s + chunk], sum_sq)
-             for s in range(0, hidden.shape[0], chunk)]
-    logps = torch.cat([p[0] for p in parts])
-    return (logps, torch.cat([p[3] for p in parts])) if sum_sq else logps
+    logps, _, sq, _ = _chunks_forward(hidden, weight, targets, chunk, sum_sq)
+    return (logps, sq) if sum_sq else logps
 
 
 def _engine_wrapped(model) -> bool:

@@ -381,7 +381,7 @@ def config_before_choices(tmp_path_factory):
 # these values (fingerprints.split_fp, NOT_WEIGHTS), so runs made before they existed stay current
 ADDED_KEYS = {"data": {"drop_ties": False}, "split": {"eval_fraction": 0.0, "curriculum_score": "gamma"},
               "train": {"eval_every": 0, "activation_budget_gb": None}, "inference": {"shard": "auto"},
-              "runtime": {"prefix_attention": "auto", "head_chunk_mb": 32.0},
+              "runtime": {"prefix_attention": "auto", "head_chunk_mb": 32.0, "mmap_threshold_mb": 8.0},
               # TRL's losses and modifiers: train_fp leaves them out at these values (fingerprints.dpo_hashed)
               "dpo": {"loss_weights": None, "ld_alpha": None, "use_weighting": False,
                       "f_divergence_type": "reverse_kl", "f_alpha_divergence_coef": 0.5, "discopop_tau": 0.05}}
@@ -538,7 +538,8 @@ def test_runtime_is_in_no_fingerprint(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     default, threads = load_config(FIXTURES), load_config(FIXTURES, ["runtime.threads=1"])
     assert (default.runtime.threads, threads.runtime.threads) == (None, 1)
-    assert to_yaml(threads).endswith("runtime:\n  threads: 1\n  prefix_attention: auto\n  head_chunk_mb: 32.0\n")
+    assert to_yaml(threads).endswith("runtime:\n  threads: 1\n  prefix_attention: auto\n  head_chunk_mb: 32.0\n"
+                                      "  mmap_threshold_mb: 8.0\n")
     for keys in (SECTIONS, ("data", "split"), ("dpo", "train", "peft")):
         assert section(default, *keys) == section(threads, *keys)
     assert fingerprints.numerics(default) == fingerprints.numerics(threads)
@@ -555,6 +556,29 @@ def test_memory_keys_are_checked_and_auto_checkpointing_keeps_old_fingerprints(t
     cfg.train.gradient_checkpointing = "sometimes"
     cfg.train.activation_budget_gb = 0.0
     cfg.runtime.head_chunk_mb = -1.0
+    cfg.runtime.mmap_threshold_mb = 64.0
     keys = [p.key for p in config_problems(cfg)]
-    assert {"train.gradient_checkpointing", "train.activation_budget_gb", "runtime.head_chunk_mb"} <= set(keys)
+    assert {"train.gradient_checkpointing", "train.activation_budget_gb", "runtime.head_chunk_mb",
+            "runtime.mmap_threshold_mb"} <= set(keys)
     assert "activation_budget_gb" in NOT_WEIGHTS
+
+
+def test_apply_runtime_sets_the_head_chunk_and_the_mmap_threshold(monkeypatch):
+    """runtime.head_chunk_mb reaches logprobs.head_chunk; runtime.mmap_threshold_mb calls glibc's mallopt (null:
+    not at all)."""
+    from sdpo_cli import runtime
+    from sdpo_cli.config import SdpoConfig
+    from sdpo_cli.logprobs import head_chunk
+
+    calls = []
+    monkeypatch.setattr(runtime, "set_mmap_threshold", calls.append)
+    monkeypatch.setattr(runtime, "head_chunk_bytes", runtime.head_chunk_bytes)
+    cfg = SdpoConfig()
+    cfg.runtime.head_chunk_mb = 1.0
+    runtime.apply_runtime(cfg)
+    assert head_chunk(32000) == 64 and head_chunk(1000) == (1 << 20) // 4000  # the floor; 1 MiB of fp32 logits
+    assert head_chunk(1000, sixteen_bit=True) == (1 << 20) // 8000
+    assert calls == [8 << 20]
+    cfg.runtime.mmap_threshold_mb = None
+    runtime.apply_runtime(cfg)
+    assert calls == [8 << 20]
