@@ -287,7 +287,7 @@ class RuntimeConfig:
     head_chunk_mb: float = 32.0  # LM-head chunks: at most this many MiB of logits (and their work copies) at once
     # glibc (Linux) host allocations of at least this many MiB are mapped and returned to the system when freed;
     # null: glibc's own adaptive threshold, which keeps freed activations in the heap (docs/performance.md)
-    mmap_threshold_mb: Optional[float] = 8.0
+    mmap_threshold_mb: Optional[float] = 4.0
 
 
 @dataclass
@@ -964,7 +964,7 @@ def _runtime_problems(cfg: SdpoConfig) -> List[Problem]:
         problems.append(Problem("runtime.head_chunk_mb", "must be positive", "e.g. runtime.head_chunk_mb=32"))
     if cfg.runtime.mmap_threshold_mb is not None and not 0 < cfg.runtime.mmap_threshold_mb <= 32:
         problems.append(Problem("runtime.mmap_threshold_mb", "must be in (0, 32] (glibc's limit)",
-                                "e.g. runtime.mmap_threshold_mb=8, or null for glibc's default"))
+                                "e.g. runtime.mmap_threshold_mb=4, or null for glibc's default"))
     return problems
 
 

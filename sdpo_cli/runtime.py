@@ -9,8 +9,8 @@ under sdpa (sdpo_cli/attention.py); the stages read it from the config. `runtime
 mmap threshold (mallopt M_MMAP_THRESHOLD): host allocations of that size or more are mapped and unmapped when freed.
 glibc's default threshold adapts upwards to the largest block freed (up to 32 MiB), after which activations come
 from the heap, and small tensors allocated between them keep the freed space from going back: at 8K tokens per
-sequence that retained 0.5 GB of peak RSS (docs/performance.md, "Long pairs"). Costs a few % of CPU time in page
-faults of fresh mappings; no effect on GPU memory or off glibc.
+sequence that retained 0.5 GB of peak RSS (docs/performance.md, "Long pairs"). Costs CPU time in page faults of
+fresh mappings (+12 % at 4K on the bench model); no effect on GPU memory or off glibc.
 None of it changes what is computed beyond float rounding, so it is in no fingerprint.
 """
 

@@ -381,7 +381,7 @@ def config_before_choices(tmp_path_factory):
 # these values (fingerprints.split_fp, NOT_WEIGHTS), so runs made before they existed stay current
 ADDED_KEYS = {"data": {"drop_ties": False}, "split": {"eval_fraction": 0.0, "curriculum_score": "gamma"},
               "train": {"eval_every": 0, "activation_budget_gb": None}, "inference": {"shard": "auto"},
-              "runtime": {"prefix_attention": "auto", "head_chunk_mb": 32.0, "mmap_threshold_mb": 8.0},
+              "runtime": {"prefix_attention": "auto", "head_chunk_mb": 32.0, "mmap_threshold_mb": 4.0},
               # TRL's losses and modifiers: train_fp leaves them out at these values (fingerprints.dpo_hashed)
               "dpo": {"loss_weights": None, "ld_alpha": None, "use_weighting": False,
                       "f_divergence_type": "reverse_kl", "f_alpha_divergence_coef": 0.5, "discopop_tau": 0.05}}
@@ -539,7 +539,7 @@ def test_runtime_is_in_no_fingerprint(tmp_path, monkeypatch):
     default, threads = load_config(FIXTURES), load_config(FIXTURES, ["runtime.threads=1"])
     assert (default.runtime.threads, threads.runtime.threads) == (None, 1)
     assert to_yaml(threads).endswith("runtime:\n  threads: 1\n  prefix_attention: auto\n  head_chunk_mb: 32.0\n"
-                                      "  mmap_threshold_mb: 8.0\n")
+                                      "  mmap_threshold_mb: 4.0\n")
     for keys in (SECTIONS, ("data", "split"), ("dpo", "train", "peft")):
         assert section(default, *keys) == section(threads, *keys)
     assert fingerprints.numerics(default) == fingerprints.numerics(threads)
@@ -578,7 +578,7 @@ def test_apply_runtime_sets_the_head_chunk_and_the_mmap_threshold(monkeypatch):
     runtime.apply_runtime(cfg)
     assert head_chunk(32000) == 64 and head_chunk(1000) == (1 << 20) // 4000  # the floor; 1 MiB of fp32 logits
     assert head_chunk(1000, sixteen_bit=True) == (1 << 20) // 8000
-    assert calls == [8 << 20]
+    assert calls == [4 << 20]
     cfg.runtime.mmap_threshold_mb = None
     runtime.apply_runtime(cfg)
-    assert calls == [8 << 20]
+    assert calls == [4 << 20]
