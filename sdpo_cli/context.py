@@ -38,6 +38,9 @@ class RunContext:
     err: Console = field(default_factory=lambda: _console(stderr=True, quiet=False))
     out: Console = field(default_factory=lambda: _console(stderr=False, quiet=False))
     tokenizers: dict = field(default_factory=dict, repr=False)  # one load per source and settings (`tokenizer`)
+    # `sdpo run`: reflogp(t) hands its reference to train(t) when both are M_{t-1} (`keep_model` / `take_model`)
+    hand_over: bool = False
+    kept: tuple | None = field(default=None, repr=False)
 
     @classmethod
     def from_env(cls, config_path: str = "config", environ: Mapping[str, str] | None = None,
@@ -98,6 +101,17 @@ class RunContext:
         if key not in self.tokenizers:
             self.tokenizers[key] = load_tokenizer(model_cfg, path)
         return self.tokenizers[key]
+
+
+    def keep_model(self, source: str, model) -> None:
+        """Hold the model reflogp scored with (loaded from `source`) for the next stage, when `hand_over` is on."""
+        self.kept = (str(source), model) if self.hand_over else None
+
+    def take_model(self, source: str):
+        """The kept model if it was loaded from `source`, else None; nothing stays kept either way (a model no stage
+        takes must not sit in memory beside the next one)."""
+        kept, self.kept = self.kept, None
+        return kept[1] if kept is not None and kept[0] == str(source) else None
 
 
 PROGRESS_EVERY = 30.0  # seconds between two progress lines of one task off a terminal (SDPO_PROGRESS_EVERY)

@@ -35,6 +35,7 @@ from sdpo_cli.train import check_trackers, run_train
 
 def run_all(cfg: SdpoConfig, *, force: bool = False, redo_stale: bool = False, ctx: RunContext | None = None) -> Path:
     ctx = ctx or RunContext.from_env()
+    ctx.hand_over = True  # reflogp(t) keeps M_{t-1} in memory for train(t): a step loads it once
     run = RunDir(cfg.run_dir)
     steps = num_steps(cfg)
     redo = _Redo(cfg, run, ctx, force=force, stale=redo_stale)
@@ -49,6 +50,7 @@ def run_all(cfg: SdpoConfig, *, force: bool = False, redo_stale: bool = False, c
         integrity.check_sizes(run_reflogp(cfg, t, force=redo("reflogp", t), ctx=ctx))
         # a stale M_t is redone, but the saved state of an interrupted redo (same fingerprint) is resumed
         integrity.check_sizes(run_train(cfg, t, force=force, redo_stale=redo("train", t), ctx=ctx))
+        ctx.take_model("")  # a model train did not take (it was finished) must not stay in memory
         if evaluator is not None:
             from sdpo_cli.evaluate import eval_table
             from sdpo_cli.models import named_model

@@ -27,7 +27,7 @@ from sdpo_cli.models import (
     warn_if_pretrained,
 )
 from sdpo_cli.rundir import RunDir, check_not_stale, writing
-from sdpo_cli.scoring import load_scoring_model, score_pairs_sharded, shard_figures
+from sdpo_cli.scoring import load_scoring_model, score_pairs_sharded, shard_figures, shard_wrapped
 from sdpo_cli.split import held_out_key
 
 
@@ -68,6 +68,8 @@ def run_reflogp(cfg: SdpoConfig, step: int, *, force: bool = False, ctx: RunCont
                      "reference": reference,
                      "reference_identity": model_identity(reference), "data": run.rel(data_path), "layout": layout})
     accelerator.free_memory()  # the prepared model: `run` trains next in this process
+    if not shard_wrapped(model):  # a whole model (one process, DDP): train(t) of `run` may start from it
+        ctx.keep_model(reference, model)
     return parts[0][1]
 
 

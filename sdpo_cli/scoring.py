@@ -55,7 +55,7 @@ def shards(cfg: SdpoConfig, accelerator) -> bool:
     return sharded(accelerator) if want is None else want
 
 
-def _wrapped(model) -> bool:
+def shard_wrapped(model) -> bool:
     """A PairLogps prepared by FSDP2 (still a PairLogps) or by DeepSpeed (an engine around one)."""
     return isinstance(model, PairLogps) or isinstance(getattr(model, "module", None), PairLogps)
 
@@ -78,7 +78,7 @@ def _score(model, pairs, batches: list[list[int]], dummies: list[list[int]], *, 
     """The columns of every pair of `batches` (indices into `pairs`; the other entries stay 0.0), then a forward of
     each of `dummies`, whose results are dropped."""
     columns = [[0.0] * len(pairs) for _ in range(4 if shared else 2)]
-    wrapped = _wrapped(model)
+    wrapped = shard_wrapped(model)
     width = len(columns)
     task = (progress.add_task(description, total=sum(map(len, batches)), status="")
             if progress is not None else None)
@@ -121,7 +121,7 @@ def score_pairs_sharded(accelerator, model, pairs, *, pad_id: int, batch_size: i
     # deal whole length-sorted batches round-robin, so every rank gets a similar mix of long and short pairs
     mine = batches[rank::world]
     rounds = -(-len(batches) // world)
-    dummies = [batches[0]] * (rounds - len(mine)) if _wrapped(model) and batches else []
+    dummies = [batches[0]] * (rounds - len(mine)) if shard_wrapped(model) and batches else []
     columns = _score(model, pairs, mine, dummies, **options)
     gathered = gather_object([(i, *(column[i] for column in columns)) for idx in mine for i in idx])
     out = [[0.0] * len(pairs) for _ in columns]
@@ -157,5 +157,5 @@ def shard_figures(accelerator, model) -> dict:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
     per_rank = gather_object([(accelerator.process_index, local, peak)])
     per_rank.sort()
-    return {"processes": accelerator.num_processes, "sharded": _wrapped(model), "param_bytes": full,
+    return {"processes": accelerator.num_processes, "sharded": shard_wrapped(model), "param_bytes": full,
             "shard_param_bytes": [b for _, b, _ in per_rank], "peak_rss_bytes": [r for _, _, r in per_rank]}

@@ -285,7 +285,13 @@ class Target:
         built without weights (FSDP2's RAM-efficient loading on the non-main processes)."""
         tr, step = cfg.train, inputs.step
         init = target_init_model(cfg, inputs.run, step)
-        model = load_model(cfg.model, init, train=True, empty=empty)
+        # `sdpo run`: the model reflogp(t) just scored with, when that is this same M_{t-1} (its dropout is off)
+        kept = ctx.take_model(init)
+        if kept is not None and tr.disable_dropout and not empty:
+            ctx.info(f"train step {step}: starting from the reference reflogp scored with (loaded once)")
+            model = kept.train()
+        else:
+            model = load_model(cfg.model, init, train=True, empty=empty)
         if tr.disable_dropout:
             disable_dropout(model)
         if cfg.peft.enabled:

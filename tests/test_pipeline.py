@@ -191,7 +191,8 @@ def test_checkpoint_loads_with_plain_transformers(finished_run):
 @pytest.mark.slow
 def test_stages_chained_by_hand_equal_run(tiny_config):
     """split -> reflogp 1 -> train 1 -> reflogp 2 -> train 2 by hand gives the same artifacts as `run` in another run
-    dir: the same data and reference log-probs, every log record but its timing, the same weights and fingerprints."""
+    dir: the same data and reference log-probs, every log record but its timing, the same weights and fingerprints;
+    `run` loads M_{t-1} once per step (reflogp hands it to train), the commands by hand twice."""
     config, run = tiny_config()
     for args in (["split"], ["reflogp", "--step", "1"], ["train", "--step", "1"], ["reflogp", "--step", "2"]):
         result = run_cli(*args, str(config))
@@ -210,6 +211,10 @@ def test_stages_chained_by_hand_equal_run(tiny_config):
     result = run_cli("run", str(config), f"run_dir={whole}")
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == str(whole / "checkpoints" / "step-2")
+    # `run` hands reflogp(t)'s model (M_{t-1}) to train(t) instead of loading it again; the numbers stay the same
+    said = " ".join(result.stderr.split())
+    for t in (1, 2):
+        assert f"train step {t}: starting from the reference reflogp scored with (loaded once)" in said
     for t in (1, 2):
         for stage in ("data", "reflogp", "checkpoints"):
             by_hand, in_run = (json.loads((r / stage / f"step-{t}" / "meta.json").read_text()) for r in (run, whole))
@@ -287,3 +292,20 @@ def test_fixtures_config_acceptance(tmp_path, shared_fixtures):
     out = json.loads(gamma.stdout)
     assert [r["checkpoint"] for r in out] == ["base", "step-1", "step-2"]
     assert all(r["data"] == "step-2" and r["n"] == 299 for r in out)
+
+
+def test_a_kept_model_goes_only_to_the_stage_that_loads_the_same_source_once():
+    """RunContext.keep_model / take_model: only with hand_over (set by `run`), only for the same source, and a take of
+    anything empties it, so a model no stage takes does not stay in memory beside the next one."""
+    from sdpo_cli.context import RunContext
+
+    model = object()
+    ctx = RunContext()
+    ctx.keep_model("runs/x/checkpoints/step-1", model)
+    assert ctx.take_model("runs/x/checkpoints/step-1") is None  # not in `run`: nothing kept
+    ctx.hand_over = True
+    ctx.keep_model("runs/x/checkpoints/step-1", model)
+    assert ctx.take_model("base") is None and ctx.kept is None  # another source: dropped
+    ctx.keep_model("runs/x/checkpoints/step-1", model)
+    assert ctx.take_model("runs/x/checkpoints/step-1") is model
+    assert ctx.take_model("runs/x/checkpoints/step-1") is None
