@@ -217,7 +217,8 @@ def sdpo_stages(config: Path, overrides: list[str], *, step: int = 1, clock_log:
     config loaded afresh from the file and the key=value overrides, then the stage's function with force=True
     (a fresh run directory is expected). Then each of `extra_reflogp` (name -> more overrides): reflogp again, e.g. at
     another inference batch size, after train has read the step's reference log-probs. Returns (the config, per stage
-    {wall_s, cpu_s, peak_gpu_gib (the stage's), peak_rss_mb (the process's so far)}); with clock_log, the train
+    {wall_s, cpu_s, peak_gpu_gib (the stage's), peak_rss_mb (the process's so far)}); `runtime.*` is applied as the
+    CLI applies it (runtime.threads stays null: the worker has set its torch threads); with clock_log, the train
     stage's entry also holds "log_clock": `LogClock.window()` of its train log. typer and the console entry point are
     left out: the lent GPU machine's typer is not the one sdpo pins."""
     import contextlib
@@ -225,13 +226,14 @@ def sdpo_stages(config: Path, overrides: list[str], *, step: int = 1, clock_log:
     from sdpo_cli.config import load_config
     from sdpo_cli.reflogp import run_reflogp
     from sdpo_cli.rundir import RunDir
+    from sdpo_cli.runtime import apply_runtime
     from sdpo_cli.split import run_split
     from sdpo_cli.train import run_train
 
     stages: dict[str, dict] = {}
 
     def stage(name: str, run, *args, more: tuple[str, ...] = ()):
-        cfg = load_config(config, [*overrides, *more])
+        cfg = apply_runtime(load_config(config, [*overrides, *more]))  # runtime.*, as cli.py applies it
         watch = LogClock(RunDir(cfg.run_dir).train_log(step)) if clock_log and run is run_train else None
         reset_gpu_peak()
         with watch or contextlib.nullcontext():

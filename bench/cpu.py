@@ -339,6 +339,9 @@ ABLATIONS = [  # one technique at a time, from a plain HF-style loop to the full
     ("sdpo_prefix_grouped_gc", ["--worker", "sdpo", "--set", "train.gradient_checkpointing=true"]),
     ("sdpo_packed_grouped", ["--worker", "sdpo", "--set", "train.layout=packed"]),
     ("sdpo_prefix_grouped_compiled", ["--worker", "sdpo", "--set", "train.compile=true"]),
+    # sdpo as before issue 16's techniques: the explicit prefix mask, 128 MiB head chunks, glibc's mmap threshold
+    ("sdpo_before_long_pairs", ["--worker", "sdpo", "--set", "runtime.prefix_attention=mask", "--set",
+                                "runtime.head_chunk_mb=128", "--set", "runtime.mmap_threshold_mb=null"]),
 ]
 
 
