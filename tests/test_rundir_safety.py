@@ -169,7 +169,9 @@ def read_log(path: Path) -> list[dict]:
 
 
 def same_records(got: list[dict], want: list[dict]) -> None:
-    """The records of two runs: losses and metrics to 1e-6, counts exact, timings (tokens/s) left out."""
+    """The records of two runs: losses and metrics to 1e-6 (or fp32 rounding of sums: 1e-6 relative; a CI run once
+    saw logps/chosen -61.1133995 against -61.1134014, half an fp32 ulp, between an `sdpo run` and a killed and
+    resumed `sdpo train`), counts exact, timings (tokens/s) left out."""
     assert [r["update"] for r in got] == [r["update"] for r in want]
     for a, b in zip(got, want):
         assert set(a) == set(b)
@@ -177,7 +179,7 @@ def same_records(got: list[dict], want: list[dict]) -> None:
             if key == "tokens/s" or "second" in key:
                 continue
             if isinstance(b[key], float):
-                assert a[key] == pytest.approx(b[key], abs=1e-6), (a["update"], key)
+                assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-6), (a["update"], key)
             else:
                 assert a[key] == b[key], (a["update"], key)
 
