@@ -211,6 +211,31 @@ class LogClock:
                 "update_cpu_s": [round(b[1] - a[1], 4) for a, b in zip(marks, marks[1:])]}
 
 
+
+def write_sdpo_inputs(folder: Path, rows: list[dict], model_dir: Path, *, max_length: int, train: dict,
+                      inference_batch: int, run_name: str = "default") -> None:
+    """folder/rows.json (the pairs with their token ids), folder/rows.jsonl (the same rows as a `preference` source,
+    which sdpo tokenises itself) and folder/sdpo.yaml: the benchmarks' config (fp32, sdpa, split random [1.0], prefix
+    layout, length grouping, lr LR linear without warm-up, clip 1.0, β BETA, logging every update, no resumable
+    states), `train` adding or overriding train keys (the length of a step, the batch)."""
+    import yaml
+
+    (folder / "rows.json").write_text(json.dumps(rows))
+    (folder / "rows.jsonl").write_text("".join(json.dumps({k: r[k] for k in ("prompt", "chosen", "rejected")}) + "\n"
+                                               for r in rows))
+    cfg = {"run_dir": str(folder / "runs" / run_name), "seed": 0,
+           "model": {"base": str(model_dir), "dtype": "float32", "attn_implementation": "sdpa"},
+           "data": {"sources": [{"name": "uf", "path": str(folder / "rows.jsonl"), "format": "preference"}],
+                    "max_length": max_length},
+           "split": {"strategy": "random", "fractions": [1.0]},
+           "dpo": {"beta": BETA},
+           "train": {"learning_rate": LR, "lr_schedule": "linear", "warmup_ratio": 0.0, "gradient_accumulation": 1,
+                     "max_grad_norm": 1.0, "layout": "prefix", "group_by_length": True, "logging_every": 1,
+                     "save_every": 0, **train},
+           "inference": {"batch_size": inference_batch}}
+    (folder / "sdpo.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+
+
 def sdpo_stages(config: Path, overrides: list[str], *, step: int = 1, clock_log: bool = False,
                 extra_reflogp: dict[str, list[str]] | None = None) -> tuple[object, dict]:
     """`sdpo split`, `sdpo reflogp --step t`, `sdpo train --step t` in this process, each as its command runs it: the

@@ -72,6 +72,7 @@ from bench.common import (
     token_counts,
     train_log,
     warm_imports,
+    write_sdpo_inputs,
 )
 
 VOCAB = 32000
@@ -84,7 +85,6 @@ REF_BATCH = 16  # sdpo's inference.batch_size default
 def prep(work: Path, rows_needed: int) -> None:
     """Tokenizer + model (skipped when already there), the tokenised rows and sdpo's config, under `work`."""
     import torch
-    import yaml
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -135,21 +135,9 @@ def prep(work: Path, rows_needed: int) -> None:
     if len(rows) < rows_needed:
         raise SystemExit(f"only {len(rows)} rows fit max_length {MAX_LENGTH}; need {rows_needed}")
     rows = rows[:rows_needed]
-    (work / "rows.json").write_text(json.dumps(rows))
     # sdpo reads the same rows as a preference-format source and tokenises them itself (checked against ours)
-    (work / "rows.jsonl").write_text("".join(json.dumps({k: r[k] for k in ("prompt", "chosen", "rejected")}) + "\n"
-                                             for r in rows))
-    cfg = {"run_dir": str(work / "runs" / "default"), "seed": 0,
-           "model": {"base": str(model_dir), "dtype": "float32", "attn_implementation": "sdpa"},
-           "data": {"sources": [{"name": "uf", "path": str(work / "rows.jsonl"), "format": "preference"}],
-                    "max_length": MAX_LENGTH},
-           "split": {"strategy": "random", "fractions": [1.0]},
-           "dpo": {"beta": BETA},
-           "train": {"learning_rate": LR, "lr_schedule": "linear", "warmup_ratio": 0.0, "epochs": 1,
-                     "per_device_batch_size": BATCH, "gradient_accumulation": 1, "max_grad_norm": 1.0,
-                     "layout": "prefix", "group_by_length": True, "logging_every": 1, "save_every": 0},
-           "inference": {"batch_size": REF_BATCH}}
-    (work / "sdpo.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    write_sdpo_inputs(work, rows, model_dir, max_length=MAX_LENGTH, inference_batch=REF_BATCH,
+                      train={"epochs": 1, "per_device_batch_size": BATCH})
     n_params = sum(p.numel() for p in LlamaForCausalLM.from_pretrained(str(model_dir)).parameters())
     c = token_counts(rows)
     emit({"kind": "prep", "rows_fitting": len(rows), "rows": rows_needed, "params": n_params,

@@ -59,7 +59,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench.common import BETA, FIXTURES, LR, MARK, ROOT, emit, env, num
+from bench.common import FIXTURES, MARK, ROOT, emit, env, num, write_sdpo_inputs
 
 VOCAB = 32000
 UPDATES = 2
@@ -149,7 +149,6 @@ def make_pair(tok, uf: list[dict], start: int, length: int) -> dict:
 
 def prep_length(work: Path, length: int) -> Path:
     """work/L{length}/: rows.json (texts + ids), rows.jsonl (sdpo's preference source), sdpo.yaml."""
-    import yaml
     from transformers import AutoTokenizer
 
     d = work / f"L{length}"
@@ -165,20 +164,8 @@ def prep_length(work: Path, length: int) -> Path:
         seq = [len(r["prompt_ids"]) + len(r[k]) for k in ("chosen_ids", "rejected_ids")]
         if max(seq) > length or min(seq) < length - 16:
             raise SystemExit(f"L={length}: built a pair of {seq} tokens")
-    (d / "rows.json").write_text(json.dumps(rows))
-    (d / "rows.jsonl").write_text("".join(json.dumps({k: r[k] for k in ("prompt", "chosen", "rejected")}) + "\n"
-                                          for r in rows))
-    cfg = {"run_dir": str(d / "runs" / "x"), "seed": 0,
-           "model": {"base": str(model_dir), "dtype": "float32", "attn_implementation": "sdpa"},
-           "data": {"sources": [{"name": "uf", "path": str(d / "rows.jsonl"), "format": "preference"}],
-                    "max_length": length},
-           "split": {"strategy": "random", "fractions": [1.0]},
-           "dpo": {"beta": BETA},
-           "train": {"learning_rate": LR, "lr_schedule": "linear", "warmup_ratio": 0.0, "max_updates": UPDATES,
-                     "per_device_batch_size": 1, "gradient_accumulation": 1, "max_grad_norm": 1.0,
-                     "layout": "prefix", "group_by_length": True, "logging_every": 1, "save_every": 0},
-           "inference": {"batch_size": 1}}
-    (d / "sdpo.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    write_sdpo_inputs(d, rows, model_dir, max_length=length, run_name="x", inference_batch=1,
+                      train={"max_updates": UPDATES, "per_device_batch_size": 1})
     return d
 
 
