@@ -75,12 +75,12 @@ def run_gamma(cfg: SdpoConfig, checkpoints: list[str] | None = None, data: str |
         gammas = _reuse(run, fp)
         if gammas is None:
             model_cache = model_cache or _Scorer(cfg, tok, ctx)
-            gammas = model_cache.gammas(source, pairs, f"γ {label} on {data}")
+            gammas, engine = model_cache.gammas(source, pairs, f"γ {label} on {data}")
             cached = run.cache / "logps" / f"{_safe(label)}--{_safe(data)}"
 
-            def cache(cached=cached, fp=fp, source=source, gammas=gammas):
+            def cache(cached=cached, fp=fp, source=source, gammas=gammas, engine=engine):
                 with writing(cached, {"stage": "gamma", "fingerprint": fp, "model": source, "data": data,
-                                      "rows": len(gammas)}) as tmp:
+                                      "rows": len(gammas), "engine": engine}) as tmp:
                     datasets.Dataset.from_dict({"id": pairs["id"], "gamma": gammas}).save_to_disk(str(tmp))
 
             saved.write(cache)
@@ -223,8 +223,9 @@ class _Scorer:
         self.cfg, self.tok, self.ctx = cfg, tok, ctx
         self.accelerator = make_accelerator(ctx, mixed_precision=cfg.train.mixed_precision)
 
-    def gammas(self, source: str, pairs, description: str) -> list[float]:
-        from sdpo_cli.scoring import load_scoring_model, score_pairs_sharded
+    def gammas(self, source: str, pairs, description: str) -> tuple[list[float], dict]:
+        """γ of every pair under `source`, and what each process held while scoring (scoring.shard_figures)."""
+        from sdpo_cli.scoring import load_scoring_model, score_pairs_sharded, shard_figures
 
         # under FSDP / ZeRO-3 sharded like train's target (inference.shard)
         model, layout = load_scoring_model(self.cfg, self.accelerator, source, warn=self.ctx.warn)
@@ -232,9 +233,10 @@ class _Scorer:
             chosen, rejected = score_pairs_sharded(self.accelerator, model, pairs, pad_id=self.tok.pad_token_id,
                                                    batch_size=self.cfg.inference.batch_size, progress=bar,
                                                    description=description, layout=layout)
+        engine = shard_figures(self.accelerator, model)  # a collective: every process
         del model
         self.accelerator.free_memory()  # a prepared model: before the next checkpoint loads
-        return [c - r for c, r in zip(chosen, rejected)]
+        return [c - r for c, r in zip(chosen, rejected)], engine
 
 
 def _safe(name: str) -> str:

@@ -440,6 +440,29 @@ def _empty_model(cfg: ModelConfig, path: str | Path | None, train: bool):
     return model
 
 
+def model_from_weights(cfg: ModelConfig, path: str | Path | None, weights: dict[str, torch.Tensor], *,
+                       train: bool = False):
+    """The model `load_model` gives for `path`, built around `weights` (every tensor of its state dict, tied ones
+    once: scoring.gathered_weights) instead of reading them from disk: `sdpo run` under FSDP2 hands the reference
+    reflogp(t) scored with to train(t) this way. Each tensor takes the dtype `load_model` would give it (FSDP2 may
+    have upcast a bf16 model to fp32 for mixed precision: the round trip is exact)."""
+    model = _empty_model(cfg, path, train)
+    dtypes = {name: t.dtype for name, t in model.state_dict().items()}
+    unknown = sorted(set(weights) - set(dtypes))
+    if unknown:
+        raise SdpoError(f"{path}: the handed-over weights have a tensor the model does not ({unknown[0]})",
+                        hint="a bug in sdpo: run the stages by hand (sdpo reflogp, then sdpo train)")
+    model.load_state_dict({k: v.to(dtypes[k]) for k, v in weights.items()}, strict=False, assign=True)
+    # tied as from_pretrained ties: a tied copy that came once (lm_head = embed_tokens) is tied again; two that came
+    # with different values stay apart (a checkpoint trained under FSDP2 has both: from_pretrained keeps both too)
+    model.tie_weights(missing_keys=set(dtypes) - set(weights))
+    missing = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if missing:
+        raise SdpoError(f"{path}: the handed-over weights lack {missing[0]}",
+                        hint="a bug in sdpo: run the stages by hand (sdpo reflogp, then sdpo train)")
+    return model
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # model.quantization (QLoRA): every role loads the same quantized model. The target of step t is quant(M_{t-1}) plus a
 # fresh zero-initialised adapter, so its reference log-probs (and gamma's, and the curriculum scores) must come from

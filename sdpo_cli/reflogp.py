@@ -23,11 +23,18 @@ from sdpo_cli.models import (
     check_base,
     model_identity,
     reference_model,
+    target_init_model,
     tokenizer_identity,
     warn_if_pretrained,
 )
 from sdpo_cli.rundir import RunDir, check_not_stale, writing
-from sdpo_cli.scoring import load_scoring_model, score_pairs_sharded, shard_figures, shard_wrapped
+from sdpo_cli.scoring import (
+    gathered_weights,
+    load_scoring_model,
+    score_pairs_sharded,
+    shard_figures,
+    shard_wrapped,
+)
 from sdpo_cli.split import held_out_key
 
 
@@ -67,9 +74,14 @@ def run_reflogp(cfg: SdpoConfig, step: int, *, force: bool = False, ctx: RunCont
                meta={"stage": "reflogp", "step": step, "started": started, "fingerprint": fp, "inputs": fp.inputs,
                      "reference": reference,
                      "reference_identity": model_identity(reference), "data": run.rel(data_path), "layout": layout})
-    accelerator.free_memory()  # the prepared model: `run` trains next in this process
-    if not shard_wrapped(model):  # a whole model (one process, DDP): train(t) of `run` may start from it
+    # `sdpo run`: train(t) starts from M_{t-1} as scored here, not read again: a whole model (one process, DDP) as it
+    # is; a sharded one (FSDP2) as its weights gathered on the main process
+    if not shard_wrapped(model):
         ctx.keep_model(reference, model)
+    elif ctx.hand_over and not cfg.model.quantization and target_init_model(cfg, run, step) == reference:
+        ctx.keep_model(reference, gathered_weights(accelerator, model))  # a collective: only when train will take it
+    del model
+    accelerator.free_memory()  # the prepared model: `run` trains next in this process
     return parts[0][1]
 
 

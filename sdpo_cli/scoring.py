@@ -11,6 +11,7 @@ the pairs. In one process, under DDP or with inference.shard=false every process
 from __future__ import annotations
 
 from contextlib import nullcontext
+from dataclasses import dataclass
 
 import torch
 
@@ -43,6 +44,33 @@ def load_scoring_model(cfg: SdpoConfig, accelerator, source: str | None = None, 
         plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.inference.batch_size
     model.requires_grad_(False)
     return accelerator.prepare(PairLogps(model, shared=True)).eval(), layout
+
+
+@dataclass
+class GatheredWeights:
+    """A sharded scoring model's weights, whole, in the main process's host memory (`tensors`; None on the others),
+    for `sdpo run`'s train(t) to start from (models.model_from_weights) instead of reading M_{t-1} again."""
+
+    tensors: dict[str, torch.Tensor] | None
+
+
+def gathered_weights(accelerator, model) -> GatheredWeights | None:
+    """The whole weights of a model `load_scoring_model` sharded under FSDP2, one tensor at a time: each DTensor is
+    all-gathered (the traffic of one forward) and only the main process keeps it, on the CPU, so its peak is what
+    loading M_{t-1} costs it under RAM-efficient loading (one whole copy) plus its shard. A collective: every process
+    calls it. None under ZeRO-3 (its partitions are not DTensors; train then loads from disk)."""
+    if not isinstance(model, PairLogps):
+        return None
+    keep = accelerator.is_main_process
+    tensors, seen = {}, set()
+    for name, tensor in model.model.state_dict(keep_vars=True).items():
+        if id(tensor) in seen:  # a tied weight (lm_head = embed_tokens): once, tied again on the other side
+            continue
+        seen.add(id(tensor))
+        whole = tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+        if keep:
+            tensors[name] = whole.detach().to("cpu", copy=True)
+    return GatheredWeights(tensors if keep else None)
 
 
 def shards(cfg: SdpoConfig, accelerator) -> bool:

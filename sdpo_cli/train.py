@@ -40,7 +40,14 @@ from sdpo_cli.lora import merged_model, with_lora
 from sdpo_cli.loss import LossSpec, ld_logps, loss_at_equal_models, pair_losses, wpo_weights
 from sdpo_cli.memory import Checkpointing, decide
 from sdpo_cli.modelcard import write_model_card
-from sdpo_cli.models import compile_blocks, disable_dropout, load_model, reference_model, target_init_model
+from sdpo_cli.models import (
+    compile_blocks,
+    disable_dropout,
+    load_model,
+    model_from_weights,
+    reference_model,
+    target_init_model,
+)
 from sdpo_cli.reports import read_log
 from sdpo_cli.rundir import (
     PROGRESS,
@@ -56,6 +63,7 @@ from sdpo_cli.rundir import (
     write_text_atomic,
     writing,
 )
+from sdpo_cli.scoring import GatheredWeights
 from sdpo_cli.split import held_out_key
 
 METRICS = ("loss", "loss/dpo", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
@@ -287,7 +295,14 @@ class Target:
         init = target_init_model(cfg, inputs.run, step)
         # `sdpo run`: the model reflogp(t) just scored with, when that is this same M_{t-1} (its dropout is off)
         kept = ctx.take_model(init)
-        if kept is not None and tr.disable_dropout and not empty:
+        if isinstance(kept, GatheredWeights):  # FSDP2: its shards gathered on the main process, empty elsewhere
+            if kept.tensors is not None and not empty:
+                ctx.info(f"train step {step}: starting from the reference reflogp scored with (gathered from its "
+                         "shards, not read again)")
+                model = model_from_weights(cfg.model, init, kept.tensors, train=True)
+            else:
+                model = load_model(cfg.model, init, train=True, empty=empty)
+        elif kept is not None and tr.disable_dropout and not empty:
             ctx.info(f"train step {step}: starting from the reference reflogp scored with (loaded once)")
             model = kept.train()
         else:

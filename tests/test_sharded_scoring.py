@@ -10,6 +10,7 @@ import time
 
 import datasets
 import pytest
+import torch
 
 from tests.conftest import run_cli
 from tests.test_distributed import ACCELERATE, launch
@@ -43,6 +44,48 @@ def test_inference_shard_is_in_no_fingerprint(tiny_config):
     assert run_cli("reflogp", str(config), "--step", "1", "inference.shard=false").returncode == 0
     again = run_cli("reflogp", str(config), "--step", "1")
     assert again.returncode == 0 and "reflogp step 1: finished already" in again.stderr
+
+
+@pytest.mark.parametrize("which", ["tiny", "stories"])
+def test_a_model_built_around_handed_over_weights_is_the_loaded_model(which, request):
+    """models.model_from_weights (train(t) of `sdpo run` under FSDP2): the tensors of the state dict, each tied
+    weight once (as scoring.gathered_weights gives them) and upcast as FSDP2's mixed precision leaves them, give
+    the model load_model reads from disk: same tensors, same dtypes, embeddings tied again where the model ties them
+    (stories260K does), the same logits. A tensor too many or too few is a one-line error."""
+    from sdpo_cli.config import ModelConfig
+    from sdpo_cli.errors import SdpoError
+    from sdpo_cli.models import load_model, model_from_weights
+
+    path = request.getfixturevalue("tiny_model_dir" if which == "tiny" else "stories_dir")
+    cfg = ModelConfig(base=str(path))
+    loaded = load_model(cfg, train=True)
+    weights, seen = {}, set()
+    for name, tensor in loaded.state_dict(keep_vars=True).items():
+        if id(tensor) not in seen:
+            seen.add(id(tensor))
+            weights[name] = tensor.detach().to(torch.float64)  # not the model's dtype: cast back on the way in
+    tied = loaded.config.tie_word_embeddings
+    assert tied == (which == "stories") and (len(weights) < len(loaded.state_dict())) == tied
+    built = model_from_weights(cfg, path, weights, train=True)
+    assert built.training and built.config.use_cache is False
+    want, got = loaded.state_dict(), built.state_dict()
+    assert want.keys() == got.keys()
+    assert all(got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]) for k in want)
+    if tied:
+        assert built.get_output_embeddings().weight is built.get_input_embeddings().weight
+    ids = torch.tensor([[1, 5, 9, 3]])
+    with torch.no_grad():
+        assert torch.equal(built(ids).logits, loaded(ids).logits)
+        # a tied model trained under FSDP2 saves both copies, apart: from_pretrained keeps them apart, and so must this
+        head = weights["model.embed_tokens.weight"] + 1
+        apart = model_from_weights(cfg, path, weights | {"lm_head.weight": head})
+        assert apart.get_output_embeddings().weight is not apart.get_input_embeddings().weight
+        assert torch.equal(apart.get_output_embeddings().weight, head.float())
+    with pytest.raises(SdpoError, match="a tensor the model does not"):
+        model_from_weights(cfg, path, weights | {"extra.weight": torch.zeros(1)})
+    first = next(iter(weights))
+    with pytest.raises(SdpoError, match=f"lack {first}"):
+        model_from_weights(cfg, path, {k: v for k, v in weights.items() if k != first})
 
 
 @pytest.mark.slow
@@ -91,10 +134,13 @@ def test_sharded_reflogp_and_gamma_equal_one_process(tiny_config, tmp_path):
     two = launch(*args, engine="fsdp")
     assert two.returncode == 0, two.stderr + two.stdout
     sharded = datasets.load_from_disk(str(cache))["gamma"]
+    engine = json.loads((cache / "meta.json").read_text())["engine"]  # gamma's cache records the shards too
+    assert engine["sharded"] and max(engine["shard_param_bytes"]) <= 0.55 * engine["param_bytes"], engine
     shutil.rmtree(cache)
     one = run_cli(*args)
     assert one.returncode == 0, one.stderr
     alone = datasets.load_from_disk(str(cache))["gamma"]
+    assert not json.loads((cache / "meta.json").read_text())["engine"]["sharded"]
     assert len(sharded) == len(alone) == 13
     assert sharded == pytest.approx(alone, abs=1e-5)
     assert json.loads(two.stdout)[0]["mean"] == pytest.approx(json.loads(one.stdout)[0]["mean"], abs=1e-5)
@@ -132,3 +178,31 @@ def test_the_fixtures_run_end_to_end_under_two_process_fsdp(shared_fixtures, tmp
         assert engine["sharded"] and max(engine["shard_param_bytes"]) <= 0.55 * engine["param_bytes"]
         meta = json.loads((run / "checkpoints" / f"step-{t}" / "meta.json").read_text())
         assert meta["world_size"] == 2 and meta["first"]["check"] == "ok"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(ACCELERATE is None, reason="accelerate CLI not found")
+def test_run_under_fsdp_hands_the_gathered_reference_to_train(tiny_config, tmp_path):
+    """`sdpo run` under a 2-process FSDP2 launch: train(t) starts from the weights reflogp(t) scored with, gathered
+    from their shards onto rank 0 (M_{t-1} is not read from disk again), and step 1 ends as the stages launched by
+    hand end (reflogp, then train loading M_0 itself): M_1 bit for bit, the same log but tokens/s."""
+    from tests.test_distributed import TIMING, checkpoint_tensors, read_log
+
+    config, _ = tiny_config(**{"split.eval_fraction": 0.2, "train.eval_every": 2})
+    whole, by_hand = tmp_path / "run", tmp_path / "by-hand"
+    result = launch("run", str(config), f"run_dir={whole}", engine="fsdp")
+    assert result.returncode == 0, result.stderr + result.stdout
+    for t in (1, 2):
+        assert (f"train step {t}: starting from the reference reflogp scored with (gathered from its shards, not "
+                "read again)") in result.stderr
+    assert run_cli("split", str(config), f"run_dir={by_hand}").returncode == 0
+    for stage in ("reflogp", "train"):
+        alone = launch(stage, str(config), "--step", "1", f"run_dir={by_hand}", engine="fsdp")
+        assert alone.returncode == 0, alone.stderr + alone.stdout
+        assert "not read again" not in alone.stderr
+    got, want = checkpoint_tensors(whole, 1), checkpoint_tensors(by_hand, 1)
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    handed, loaded = (read_log(r / "logs" / "train-step-1.jsonl") for r in (whole, by_hand))
+    assert [r["update"] for r in handed] == [r["update"] for r in loaded]
+    for a, b in zip(handed, loaded):
+        assert {k: v for k, v in a.items() if k not in TIMING} == {k: v for k, v in b.items() if k not in TIMING}
