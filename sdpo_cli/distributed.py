@@ -6,7 +6,8 @@ Run as: any stage under `accelerate launch [--config_file configs/accelerate/<dd
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+import sys
+from contextlib import contextmanager, redirect_stdout
 
 from sdpo_cli.context import RunContext
 from sdpo_cli.errors import SdpoError
@@ -24,6 +25,7 @@ def make_accelerator(ctx: RunContext, **kwargs):
     accelerator = Accelerator(**kwargs)
     check_world(accelerator.num_processes, ctx)
     _fsdp_on_cpu(accelerator)
+    _deepspeed_on_cpu(accelerator)
     return accelerator
 
 
@@ -45,6 +47,39 @@ def _fsdp_on_cpu(accelerator) -> None:
     state.distributed_type, state.fsdp_plugin = DistributedType.FSDP, plugin
     # every later AcceleratorState() (accelerate makes some inside prepare) copies the type from PartialState's
     PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+
+
+def _deepspeed_on_cpu(accelerator) -> None:
+    """A DeepSpeed launch on CPU (ACCELERATE_USE_CPU=1, gloo) made DeepSpeed, as `_fsdp_on_cpu` does for FSDP.
+    accelerate 1.16 selects DeepSpeed only when not on CPU (AcceleratorState: `ACCELERATE_USE_DEEPSPEED ... and not
+    cpu`), so a ZeRO-3 launch on CPU silently became plain multi-process CPU, every process holding the whole model.
+    DeepSpeed 0.19 runs on CPU (its CPU accelerator, picked when no GPU is found or with DS_ACCELERATOR=cpu, talks
+    gloo unless oneccl_bindings_for_pytorch is installed) and `deepspeed.initialize` adopts the gloo group accelerate
+    already made. The state is set as accelerate sets it on GPUs, with the plugin read from the launch's environment
+    (ACCELERATE_DEEPSPEED_ZERO_STAGE, ..._ZERO3_INIT, ...); selecting it registers transformers' ZeRO-3 config, so
+    `from_pretrained` afterwards partitions the weights as it loads them (zero3_init_flag)."""
+    from accelerate import PartialState
+    from accelerate.utils import DeepSpeedPlugin, DistributedType, parse_flag_from_env
+
+    state = accelerator.state
+    if state.distributed_type != DistributedType.MULTI_CPU or not parse_flag_from_env("ACCELERATE_USE_DEEPSPEED"):
+        return
+    plugin = DeepSpeedPlugin()
+    plugin.set_mixed_precision(accelerator.mixed_precision)
+    plugin.select(_from_accelerator_state=True)
+    state.distributed_type, state.deepspeed_plugins = DistributedType.DEEPSPEED, plugin
+    # DeepSpeed does the mixed precision itself (its bf16 / fp16 config): no autocast around it, as on GPUs
+    state._mixed_precision, accelerator.native_amp = "no", False
+    # every later AcceleratorState() (accelerate makes some inside prepare) copies the type from PartialState's
+    PartialState._shared_state["distributed_type"] = DistributedType.DEEPSPEED
+    # what PartialState does for a DeepSpeed launch on GPUs: deepspeed.comm adopts the process group (gloo here).
+    # Now rather than inside from_pretrained or prepare, because its CPU backend prints a line to stdout as it builds
+    # its shared-memory all-reduce op (a C++ extension, compiled on first use into ~/.cache/torch_extensions):
+    # sent to stderr, as stdout carries results (`gamma --json`).
+    import deepspeed.comm
+
+    with redirect_stdout(sys.stderr):
+        deepspeed.comm.init_distributed(dist_backend=state.backend, auto_mpi_discovery=False)
 
 
 @contextmanager
@@ -83,6 +118,23 @@ def wait_for_ranks(ctx: RunContext) -> None:
 def zero3(accelerator) -> bool:
     plugin = getattr(accelerator.state, "deepspeed_plugin", None)
     return plugin is not None and plugin.deepspeed_config.get("zero_optimization", {}).get("stage") == 3
+
+
+def deepspeed_batch(accelerator, micro_batch: int, accumulation: int = 1) -> None:
+    """DeepSpeed's batch entries for the next `prepare` (none without DeepSpeed). Our loaders use batch samplers
+    (batch_size None) and inference prepares no loader at all, so DeepSpeed cannot infer the micro-batch itself.
+    All three are set, every time: the plugin's config is process-wide (every Accelerator of the process shares it)
+    and accelerate fills its "auto" entries in place at the first `prepare`, so in `sdpo run` the reflogp engine's
+    train_batch_size (inference.batch_size × 1 × N) and gradient_accumulation_steps (1) would otherwise stay for
+    train's engine: DeepSpeed's batch assertion fails, or accelerate overrides train.gradient_accumulation with
+    DeepSpeed's stale 1 (with a warning only)."""
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is None:
+        return
+    config = plugin.deepspeed_config
+    config["train_micro_batch_size_per_gpu"] = micro_batch
+    config["gradient_accumulation_steps"] = accumulation
+    config["train_batch_size"] = micro_batch * accumulation * accelerator.num_processes
 
 
 def sharded(accelerator) -> bool:

@@ -18,7 +18,7 @@ import torch
 from sdpo_cli.batching import length_sorted_batches
 from sdpo_cli.collate import collate_pairs, pair_lengths, resolve_layout
 from sdpo_cli.config import SdpoConfig, inference_shard
-from sdpo_cli.distributed import loads_empty, sharded
+from sdpo_cli.distributed import deepspeed_batch, loads_empty, sharded
 from sdpo_cli.errors import ConfigError
 from sdpo_cli.logprobs import PairLogps, completion_logps, completion_logps_shared
 
@@ -39,11 +39,11 @@ def load_scoring_model(cfg: SdpoConfig, accelerator, source: str | None = None, 
                             prefix_attention=prefix_attention(cfg))
     if not shard:
         return model.to(accelerator.device), layout
-    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
-    if plugin is not None:  # no data loader for DeepSpeed to infer its micro-batch from (as train's _check_engine)
-        plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.inference.batch_size
+    deepspeed_batch(accelerator, cfg.inference.batch_size)  # no data loader for DeepSpeed to infer it from
     model.requires_grad_(False)
-    return accelerator.prepare(PairLogps(model, shared=True)).eval(), layout
+    prepared = accelerator.prepare(PairLogps(model, shared=True))
+    prepared.eval()  # not chained: DeepSpeedEngine.eval() returns None, not the engine
+    return prepared, layout
 
 
 @dataclass

@@ -30,6 +30,7 @@ from sdpo_cli.batching import WeightedPairs, train_batches, update_totals
 from sdpo_cli.collate import PairBatch, collate_pairs, pair_length, resolve_layout
 from sdpo_cli.config import SdpoConfig, TrainConfig, section
 from sdpo_cli.context import RunContext
+from sdpo_cli.distributed import deepspeed_batch as _deepspeed_batch
 from sdpo_cli.distributed import loads_empty, make_accelerator
 from sdpo_cli.distributed import sharded as _sharded
 from sdpo_cli.distributed import zero3 as _zero3
@@ -1044,10 +1045,8 @@ def _clip(accelerator, model, max_norm: float | None) -> torch.Tensor:
 
 def _check_engine(accelerator, cfg: SdpoConfig) -> None:
     """What DeepSpeed needs before `prepare`, and the combinations we do not support yet."""
-    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
-    if plugin is not None:
-        # our loader uses a batch sampler (batch_size None), so DeepSpeed cannot infer the micro-batch itself
-        plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.train.per_device_batch_size
+    # our loader uses a batch sampler (batch_size None), so DeepSpeed cannot infer the micro-batch itself
+    _deepspeed_batch(accelerator, cfg.train.per_device_batch_size, cfg.train.gradient_accumulation)
     if cfg.peft.enabled and _zero3(accelerator):
         raise ConfigError("peft.enabled with DeepSpeed ZeRO-3: merging a ZeRO-3-partitioned LoRA model is not "
                           "supported", hint="use FSDP, DDP or ZeRO-2 for LoRA (configs/accelerate/fsdp.yaml, ...)")

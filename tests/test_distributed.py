@@ -28,7 +28,11 @@ def launch_command(args: tuple[str, ...], cpu: bool = True, engine: str = "ddp")
     env.update({"HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1", "OMP_NUM_THREADS": "1"})
     if cpu:
         env["ACCELERATE_USE_CPU"] = "1"
-    how = ["--multi_gpu"] if engine == "ddp" else ["--config_file", str(ROOT / "configs" / "accelerate" / "fsdp.yaml")]
+    if engine == "zero3":  # DeepSpeed's CPU accelerator (gloo) even where a GPU is visible
+        env["DS_ACCELERATOR"] = "cpu"
+    # ddp: torchrun; fsdp, zero3: the shipped configs/accelerate/<engine>.yaml (their mixed precision overridden below)
+    how = (["--multi_gpu"] if engine == "ddp"
+           else ["--config_file", str(ROOT / "configs" / "accelerate" / f"{engine}.yaml")])
     cmd = [ACCELERATE, "launch", *how, "--num_processes", "2", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "sdpo_cli", *args]
     return cmd, env

@@ -1,8 +1,10 @@
-"""The reference pass sharded like training (issue 15): under an FSDP2 launch `reflogp` and `gamma` wrap the scoring
-model in PairLogps and `accelerator.prepare` it, so each process holds half the weights of 2, every process scores
-its share of the pairs (dummy forwards where a process has fewer batches: the all-gathers are collectives), and the
-numbers equal one process's; `train` of the same step still passes its update-0 ln 2 check; and `inference.shard`
-chooses (auto: follow the launch's engine)."""
+"""The reference pass sharded like training (issue 15): under an FSDP2 or a DeepSpeed ZeRO-3 launch `reflogp` and
+`gamma` wrap the scoring model in PairLogps and `accelerator.prepare` it, so each process holds half the weights of 2,
+every process scores its share of the pairs (dummy forwards where a process has fewer batches: the all-gathers are
+collectives), and the numbers equal one process's; `train` of the same step still passes its update-0 ln 2 check; and
+`inference.shard` chooses (auto: follow the launch's engine). The ZeRO-3 tests run where deepspeed is installed
+(pip install 'sdpo[deepspeed]'), on this CPU machine through DeepSpeed's CPU accelerator over gloo
+(distributed._deepspeed_on_cpu)."""
 
 import json
 import shutil
@@ -76,11 +78,11 @@ def test_a_model_built_around_handed_over_weights_is_the_loaded_model(which, req
     ids = torch.tensor([[1, 5, 9, 3]])
     with torch.no_grad():
         assert torch.equal(built(ids).logits, loaded(ids).logits)
-        # a tied model trained under FSDP2 saves both copies, apart: from_pretrained keeps them apart, and so must this
-        head = weights["model.embed_tokens.weight"] + 1
-        apart = model_from_weights(cfg, path, weights | {"lm_head.weight": head})
-        assert apart.get_output_embeddings().weight is not apart.get_input_embeddings().weight
-        assert torch.equal(apart.get_output_embeddings().weight, head.float())
+    # a tied model trained under FSDP2 saves both copies, apart: from_pretrained keeps them apart, and so must this
+    head = weights["model.embed_tokens.weight"] + 1
+    apart = model_from_weights(cfg, path, weights | {"lm_head.weight": head})
+    assert apart.get_output_embeddings().weight is not apart.get_input_embeddings().weight
+    assert torch.equal(apart.get_output_embeddings().weight, head.float())
     with pytest.raises(SdpoError, match="a tensor the model does not"):
         model_from_weights(cfg, path, weights | {"extra.weight": torch.zeros(1)})
     first = next(iter(weights))
@@ -88,12 +90,23 @@ def test_a_model_built_around_handed_over_weights_is_the_loaded_model(which, req
         model_from_weights(cfg, path, {k: v for k, v in weights.items() if k != first})
 
 
+ENGINES = ["fsdp", "zero3"]
+
+
+def needs(engine: str) -> None:
+    if engine == "zero3":
+        pytest.importorskip("deepspeed")
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(ACCELERATE is None, reason="accelerate CLI not found")
-def test_sharded_reflogp_and_gamma_equal_one_process(tiny_config, tmp_path):
+@pytest.mark.parametrize("engine", ENGINES)
+def test_sharded_reflogp_and_gamma_equal_one_process(tiny_config, tmp_path, engine):
     """13 pairs of D_1 in inference batches of 3 (5 batches: rank 1 runs a dummy forward) and 3 held-out pairs (1
     batch: rank 1 has none and runs a dummy), gamma of M_1 in one batch of 13. Rows equal one process's to 1e-5; each
-    rank holds at most 0.55 of the weights; train step 1 under FSDP passes its ln 2 check on these log-probs."""
+    rank holds at most 0.55 of the weights; train step 1 under the same engine passes its ln 2 check on these
+    log-probs."""
+    needs(engine)
     config, _ = tiny_config(**{"inference.batch_size": 3, "split.eval_fraction": 0.2})
     single, multi = tmp_path / "single", tmp_path / "multi"
     for run in (single, multi):
@@ -101,9 +114,9 @@ def test_sharded_reflogp_and_gamma_equal_one_process(tiny_config, tmp_path):
     one = run_cli("reflogp", str(config), "--step", "1", f"run_dir={single}")
     assert one.returncode == 0, one.stderr
     started = time.time()
-    two = launch("reflogp", str(config), "--step", "1", f"run_dir={multi}", engine="fsdp")
+    two = launch("reflogp", str(config), "--step", "1", f"run_dir={multi}", engine=engine)
     assert two.returncode == 0, two.stderr + two.stdout
-    print(f"2-process FSDP reflogp: {time.time() - started:.1f} s")
+    print(f"2-process {engine} reflogp: {time.time() - started:.1f} s")
     worst = 0.0
     for name in ("step-1", "eval-step-1"):
         a = datasets.load_from_disk(str(single / "reflogp" / name))
@@ -112,17 +125,17 @@ def test_sharded_reflogp_and_gamma_equal_one_process(tiny_config, tmp_path):
         for key in ("ref_chosen_logp", "ref_rejected_logp", "ref_chosen_logp_shared", "ref_rejected_logp_shared"):
             assert b[key] == pytest.approx(a[key], abs=1e-5), (name, key)
             worst = max(worst, max(abs(x - y) for x, y in zip(a[key], b[key])))
-        engine = json.loads((multi / "reflogp" / name / "meta.json").read_text())["engine"]
-        assert engine["processes"] == 2 and engine["sharded"]
-        ratios = [b / engine["param_bytes"] for b in engine["shard_param_bytes"]]
+        held = json.loads((multi / "reflogp" / name / "meta.json").read_text())["engine"]
+        assert held["processes"] == 2 and held["sharded"]
+        ratios = [b / held["param_bytes"] for b in held["shard_param_bytes"]]
         assert len(ratios) == 2 and max(ratios) <= 0.55, ratios
         alone = json.loads((single / "reflogp" / name / "meta.json").read_text())["engine"]
         assert not alone["sharded"] and alone["shard_param_bytes"] == [alone["param_bytes"]]
         print(f"reflogp {name}: max |Δ| {worst:.2e}; shard/full bytes per rank {[f'{r:.3f}' for r in ratios]}; "
-              f"peak RSS per rank {[f'{r / 2**20:.0f} MiB' for r in engine['peak_rss_bytes']]} "
+              f"peak RSS per rank {[f'{r / 2**20:.0f} MiB' for r in held['peak_rss_bytes']]} "
               f"(one process: {alone['peak_rss_bytes'][0] / 2**20:.0f} MiB)")
 
-    trained = launch("train", str(config), "--step", "1", f"run_dir={multi}", engine="fsdp")
+    trained = launch("train", str(config), "--step", "1", f"run_dir={multi}", engine=engine)
     assert trained.returncode == 0, trained.stderr + trained.stdout
     assert "ln 2 check ok" in trained.stderr
     assert json.loads((multi / "checkpoints" / "step-1" / "meta.json").read_text())["first"]["check"] == "ok"
@@ -131,7 +144,7 @@ def test_sharded_reflogp_and_gamma_equal_one_process(tiny_config, tmp_path):
     args = ("gamma", str(config), f"run_dir={multi}", "--checkpoint", "step-1", "--data", "step-1", "--json",
             "inference.batch_size=64")
     cache = multi / "cache" / "logps" / "step-1--step-1"
-    two = launch(*args, engine="fsdp")
+    two = launch(*args, engine=engine)
     assert two.returncode == 0, two.stderr + two.stdout
     sharded = datasets.load_from_disk(str(cache))["gamma"]
     engine = json.loads((cache / "meta.json").read_text())["engine"]  # gamma's cache records the shards too
@@ -149,33 +162,84 @@ def test_sharded_reflogp_and_gamma_equal_one_process(tiny_config, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.skipif(ACCELERATE is None, reason="accelerate CLI not found")
-def test_sharded_reflogp_of_one_pair_over_two_processes(tiny_config, tmp_path):
+@pytest.mark.parametrize("engine", ENGINES)
+def test_sharded_reflogp_of_one_pair_over_two_processes(tiny_config, tmp_path, engine):
     """One pair and two processes: rank 1 has no batch and must still join every all-gather (no deadlock)."""
     from tests.conftest import tiny_pairs, write_jsonl
 
+    needs(engine)
     config, run = tiny_config(**{"data.sources": [{"name": "a", "path": str(tmp_path / "one.jsonl")}]})
     write_jsonl(tmp_path / "one.jsonl", tiny_pairs(1))
     assert run_cli("split", str(config)).returncode == 0
-    two = launch("reflogp", str(config), "--step", "1", engine="fsdp")
+    two = launch("reflogp", str(config), "--step", "1", engine=engine)
     assert two.returncode == 0, two.stderr + two.stdout
     assert len(datasets.load_from_disk(str(run / "reflogp" / "step-1"))) == 1
+    assert json.loads((run / "reflogp" / "step-1" / "meta.json").read_text())["engine"]["sharded"]
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(ACCELERATE is None, reason="accelerate CLI not found")
-def test_the_fixtures_run_end_to_end_under_two_process_fsdp(shared_fixtures, tmp_path):
+def test_zero3_run_equals_one_process(tiny_config, tmp_path):
+    """`sdpo run` (curriculum split on the main process alone, then reflogp, train, reflogp, train) in one 2-process
+    ZeRO-3 launch equals one process with twice the micro-batch. The DeepSpeed config is process-wide and accelerate
+    fills its "auto" batch entries at the first prepare (reflogp's: inference batch 3, accumulation 1); train's engine
+    (micro-batch 2, accumulation 2) must not inherit them (distributed.deepspeed_batch)."""
+    from safetensors.torch import load_file
+
+    from tests.test_distributed import read_log
+
+    pytest.importorskip("deepspeed")
+    config, _ = tiny_config(**{"inference.batch_size": 3, "split.eval_fraction": 0.2, "split.strategy": "curriculum",
+                               "split.fractions": [0.5, 0.5], "train.gradient_accumulation": 2})
+    single, multi = tmp_path / "single", tmp_path / "multi"
+    one = run_cli("run", str(config), f"run_dir={single}", "train.per_device_batch_size=4")
+    assert one.returncode == 0, one.stderr
+    started = time.time()
+    two = launch("run", str(config), f"run_dir={multi}", "train.per_device_batch_size=2", engine="zero3")
+    assert two.returncode == 0, two.stderr + two.stdout
+    print(f"2-process ZeRO-3 run: {time.time() - started:.1f} s")
+    assert "2×2×2 = 8 pairs" in two.stderr and "mismatch" not in two.stderr
+    for t in (1, 2):
+        for name in (f"step-{t}", f"eval-step-{t}"):
+            assert (datasets.load_from_disk(str(single / "data" / name))["id"]
+                    == datasets.load_from_disk(str(multi / "data" / name))["id"])  # the same curriculum
+            a = datasets.load_from_disk(str(single / "reflogp" / name))
+            b = datasets.load_from_disk(str(multi / "reflogp" / name))
+            for key in ("ref_chosen_logp", "ref_rejected_logp"):
+                assert b[key] == pytest.approx(a[key], abs=1e-5), (name, key)
+            held = json.loads((multi / "reflogp" / name / "meta.json").read_text())["engine"]
+            assert held["sharded"] and max(held["shard_param_bytes"]) <= 0.55 * held["param_bytes"]
+        meta = json.loads((multi / "checkpoints" / f"step-{t}" / "meta.json").read_text())
+        assert meta["world_size"] == 2 and meta["first"]["check"] == "ok"
+        la = read_log(single / "logs" / f"train-step-{t}.jsonl")
+        lb = read_log(multi / "logs" / f"train-step-{t}.jsonl")
+        assert [r["update"] for r in la] == [r["update"] for r in lb]
+        for ra, rb in zip(la, lb):
+            assert rb.get("loss") == pytest.approx(ra.get("loss"), abs=1e-5)
+        wa = load_file(str(single / "checkpoints" / f"step-{t}" / "model.safetensors"))
+        wb = load_file(str(multi / "checkpoints" / f"step-{t}" / "model.safetensors"))
+        assert wa.keys() == wb.keys()
+        assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-4
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(ACCELERATE is None, reason="accelerate CLI not found")
+@pytest.mark.parametrize("engine", ENGINES)
+def test_the_fixtures_run_end_to_end_under_two_process_sharding(shared_fixtures, tmp_path, engine):
     """`sdpo run configs/fixtures.yaml` (the real stories260K model and orca / ultrafeedback rows, 2 steps) under a
-    2-process FSDP2 launch: the reference passes sharded, both steps trained and passing their update-0 check."""
+    2-process FSDP2 or ZeRO-3 launch: the reference passes sharded, both steps trained and passing their update-0
+    check."""
     from tests.conftest import ROOT
 
+    needs(engine)
     run = tmp_path / "fixtures"
     started = time.time()
-    result = launch("run", str(ROOT / "configs" / "fixtures.yaml"), f"run_dir={run}", engine="fsdp")
+    result = launch("run", str(ROOT / "configs" / "fixtures.yaml"), f"run_dir={run}", engine=engine)
     assert result.returncode == 0, result.stderr + result.stdout
-    print(f"fixtures run, 2-process FSDP2: {time.time() - started:.0f} s")
+    print(f"fixtures run, 2-process {engine}: {time.time() - started:.0f} s")
     for t in (1, 2):
-        engine = json.loads((run / "reflogp" / f"step-{t}" / "meta.json").read_text())["engine"]
-        assert engine["sharded"] and max(engine["shard_param_bytes"]) <= 0.55 * engine["param_bytes"]
+        held = json.loads((run / "reflogp" / f"step-{t}" / "meta.json").read_text())["engine"]
+        assert held["sharded"] and max(held["shard_param_bytes"]) <= 0.55 * held["param_bytes"]
         meta = json.loads((run / "checkpoints" / f"step-{t}" / "meta.json").read_text())
         assert meta["world_size"] == 2 and meta["first"]["check"] == "ok"
 
