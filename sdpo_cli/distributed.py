@@ -144,14 +144,17 @@ def sharded(accelerator) -> bool:
     return accelerator.distributed_type == DistributedType.FSDP or zero3(accelerator)
 
 
-def loads_empty(accelerator) -> bool:
-    """Whether this process may skip reading the weights: FSDP2 with `fsdp_cpu_ram_efficient_loading` (the shipped
-    configs/accelerate/fsdp.yaml), on every rank but the main one. accelerate's `prepare` then moves those ranks'
-    models to the meta device and broadcasts the main process's weights into every rank's shard
-    (accelerate.utils.fsdp_utils.fsdp2_load_full_state_dict), so what they had loaded was never used: 1 copy of the
-    model in host memory instead of one per process. transformers 5.24's `from_pretrained` does not do this itself
-    under FSDP (its `is_fsdp_enabled` only changes how missing keys and buffers are initialised; only ZeRO-3 loads on
-    rank 0 alone, through `zero3_init_flag`)."""
+def ram_efficient(accelerator) -> bool:
+    """FSDP2 with `fsdp_cpu_ram_efficient_loading` (the shipped configs/accelerate/fsdp.yaml): `prepare` moves every
+    rank's model to the meta device, ties its weights again and fills the shards from the main process's weights."""
     plugin = getattr(accelerator.state, "fsdp_plugin", None)
-    return (plugin is not None and plugin.fsdp_version == 2 and bool(plugin.cpu_ram_efficient_loading)
-            and not accelerator.is_main_process)
+    return plugin is not None and plugin.fsdp_version == 2 and bool(plugin.cpu_ram_efficient_loading)
+
+
+def loads_empty(accelerator) -> bool:
+    """Whether this process may skip reading the weights: `ram_efficient`, on every rank but the main one, whose
+    weights `prepare` broadcasts into every rank's shard (accelerate.utils.fsdp_utils.fsdp2_load_full_state_dict), so
+    what the others had loaded was never used: 1 copy of the model in host memory instead of one per process.
+    transformers 5.24's `from_pretrained` does not do this itself under FSDP (its `is_fsdp_enabled` only changes how
+    missing keys and buffers are initialised; only ZeRO-3 loads on rank 0 alone, through `zero3_init_flag`)."""
+    return ram_efficient(accelerator) and not accelerator.is_main_process

@@ -287,6 +287,14 @@ class PairLogps(torch.nn.Module):
     def _no_split_modules(self):  # accelerate's FSDP auto-wrap reads the transformer block classes from here
         return getattr(self.model, "_no_split_modules", None)
 
+    def tie_weights(self, *args, **kwargs):
+        """The model's own. accelerate's FSDP2 prepare moves the model to the meta device (which makes new parameter
+        objects: lm_head and embed_tokens become two) and loads the full state dict into the shards (which unties
+        again), re-tying after each through `model.tie_weights()` if the model it was handed has one. Without this,
+        a model with tie_word_embeddings trained its LM head and its embeddings as two tensors under FSDP2, and M_t
+        differed from one process's."""
+        return self.model.tie_weights(*args, **kwargs)
+
     def forward(self, batch: PairBatch) -> tuple:
         if self.shared or self.weighting:
             return policy_logps(self.model, batch, shared=self.shared, weighting=self.weighting)

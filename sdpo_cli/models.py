@@ -435,6 +435,9 @@ def _empty_model(cfg: ModelConfig, path: str | Path | None, train: bool):
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=cfg.trust_remote_code,
                                                  **kwargs)
+    # init_empty_weights makes a new meta parameter at every registration, which unties what from_config tied
+    # (lm_head = embed_tokens): tied again, so that every rank's model has the parameters the main process's has
+    model.tie_weights()
     model.config.use_cache = False
     model.train(train)
     return model
@@ -461,6 +464,34 @@ def model_from_weights(cfg: ModelConfig, path: str | Path | None, weights: dict[
         raise SdpoError(f"{path}: the handed-over weights lack {missing[0]}",
                         hint="a bug in sdpo: run the stages by hand (sdpo reflogp, then sdpo train)")
     return model
+
+
+def refuse_split_tie(model, source) -> None:
+    """Refuse a checkpoint whose config ties the LM head to the embeddings (tie_word_embeddings) but whose weights
+    hold the two as different tensors, when FSDP2's RAM-efficient loading is to shard it (distributed.ram_efficient):
+    from_pretrained keeps such a pair apart (with a warning), but accelerate's prepare ties it again on every rank,
+    dropping one of the two, and fails with a KeyError. sdpo saved such an M_t under FSDP2 before it kept the tie."""
+    inputs, outputs = model.get_input_embeddings(), model.get_output_embeddings()
+    tied = getattr(model.config.get_text_config(), "tie_word_embeddings", False)
+    if tied and inputs is not None and outputs is not None and inputs.weight is not outputs.weight:
+        raise SdpoError(f"{source}: its config.json ties the LM head to the embeddings (tie_word_embeddings), but "
+                        "its weights hold them as two different tensors, which FSDP2's RAM-efficient loading would "
+                        "tie again, losing one",
+                        hint="launch with fsdp_cpu_ram_efficient_loading: false in the accelerate config, or under "
+                             "DDP or in one process")
+
+
+def tied_aliases(module: torch.nn.Module) -> set[str]:
+    """The names of `module`'s state dict that hold a tensor an earlier name holds (lm_head.weight when it is
+    model.embed_tokens.weight, under tie_word_embeddings). A state dict gathered from FSDP shards brings each name as
+    its own copy, where save_pretrained of the model itself writes a tied tensor once: without these, M_t would be
+    saved with two tensors and load untied."""
+    seen, aliases = set(), set()
+    for name, tensor in module.state_dict(keep_vars=True).items():
+        if id(tensor) in seen:
+            aliases.add(name)
+        seen.add(id(tensor))
+    return aliases
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -18,9 +18,10 @@ import torch
 from sdpo_cli.batching import length_sorted_batches
 from sdpo_cli.collate import collate_pairs, pair_lengths, resolve_layout
 from sdpo_cli.config import SdpoConfig, inference_shard
-from sdpo_cli.distributed import deepspeed_batch, loads_empty, sharded
+from sdpo_cli.distributed import deepspeed_batch, loads_empty, ram_efficient, sharded
 from sdpo_cli.errors import ConfigError
 from sdpo_cli.logprobs import PairLogps, completion_logps, completion_logps_shared
+from sdpo_cli.models import tied_aliases
 
 
 def load_scoring_model(cfg: SdpoConfig, accelerator, source: str | None = None, *, warn=None, alone: bool = False):
@@ -29,11 +30,13 @@ def load_scoring_model(cfg: SdpoConfig, accelerator, source: str | None = None, 
     itself on this process's device. `alone`: this process scores by itself while the others wait (the curriculum
     split, on the main process): never sharded, as sharding needs every process."""
     from sdpo_cli.attention import prefix_attention
-    from sdpo_cli.models import disable_dropout, load_model
+    from sdpo_cli.models import disable_dropout, load_model, refuse_split_tie
 
     shard = not alone and shards(cfg, accelerator)
     # FSDP2 with CPU-RAM-efficient loading: only the main process reads the weights; prepare broadcasts them
     model = load_model(cfg.model, source, empty=shard and loads_empty(accelerator))
+    if shard and ram_efficient(accelerator):
+        refuse_split_tie(model, source or cfg.model.base)
     disable_dropout(model)
     layout = resolve_layout(cfg.train.layout, model, cfg.data.max_length, warn=warn,
                             prefix_attention=prefix_attention(cfg))
@@ -62,11 +65,10 @@ def gathered_weights(accelerator, model) -> GatheredWeights | None:
     if not isinstance(model, PairLogps):
         return None
     keep = accelerator.is_main_process
-    tensors, seen = {}, set()
+    tensors, aliases = {}, tied_aliases(model.model)
     for name, tensor in model.model.state_dict(keep_vars=True).items():
-        if id(tensor) in seen:  # a tied weight (lm_head = embed_tokens): once, tied again on the other side
+        if name in aliases:  # a tied weight (lm_head = embed_tokens): once, tied again on the other side
             continue
-        seen.add(id(tensor))
         whole = tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
         if keep:
             tensors[name] = whole.detach().to("cpu", copy=True)

@@ -31,7 +31,7 @@ from sdpo_cli.collate import PairBatch, collate_pairs, pair_length, resolve_layo
 from sdpo_cli.config import SdpoConfig, TrainConfig, section
 from sdpo_cli.context import RunContext
 from sdpo_cli.distributed import deepspeed_batch as _deepspeed_batch
-from sdpo_cli.distributed import loads_empty, make_accelerator
+from sdpo_cli.distributed import loads_empty, make_accelerator, ram_efficient
 from sdpo_cli.distributed import sharded as _sharded
 from sdpo_cli.distributed import zero3 as _zero3
 from sdpo_cli.errors import ArtifactError, ConfigError, Interrupted, SdpoError
@@ -47,7 +47,9 @@ from sdpo_cli.models import (
     load_model,
     model_from_weights,
     reference_model,
+    refuse_split_tie,
     target_init_model,
+    tied_aliases,
 )
 from sdpo_cli.reports import read_log
 from sdpo_cli.rundir import (
@@ -94,7 +96,7 @@ def run_train(cfg: SdpoConfig, step: int, *, force: bool = False, redo_stale: bo
     set_seed(cfg.seed)
     # FSDP2 with CPU-RAM-efficient loading: only the main process reads M_{t-1}; prepare broadcasts it into the shards
     target = Target.load(cfg, inputs, ctx, rows=rows, shards=accelerator.num_processes if _sharded(accelerator) else 1,
-                         empty=loads_empty(accelerator))
+                         empty=loads_empty(accelerator), broadcast=ram_efficient(accelerator))
     loader = _loader(rows, target, tr, seed=cfg.seed + step, world=accelerator.num_processes)
     optimizer = _optimizer(tr, target.model, accelerator)
     _check_engine(accelerator, cfg)
@@ -289,9 +291,10 @@ class Target:
 
     @classmethod
     def load(cls, cfg: SdpoConfig, inputs: StepInputs, ctx: RunContext, *, rows: list[dict], shards: int = 1,
-             empty: bool = False) -> Target:
+             empty: bool = False, broadcast: bool = False) -> Target:
         """M_{t-1} (or S) ready to train on `rows`; `shards`: processes the engine divides the weights over; `empty`:
-        built without weights (FSDP2's RAM-efficient loading on the non-main processes)."""
+        built without weights (FSDP2's RAM-efficient loading on the non-main processes); `broadcast`: under that
+        loading (on every process)."""
         tr, step = cfg.train, inputs.step
         init = target_init_model(cfg, inputs.run, step)
         # `sdpo run`: the model reflogp(t) just scored with, when that is this same M_{t-1} (its dropout is off)
@@ -308,6 +311,8 @@ class Target:
             model = kept.train()
         else:
             model = load_model(cfg.model, init, train=True, empty=empty)
+        if broadcast and not empty:
+            refuse_split_tie(model, init)
         if tr.disable_dropout:
             disable_dropout(model)
         if cfg.peft.enabled:
@@ -1028,11 +1033,12 @@ def _fused_adam(accelerator, model) -> bool | None:
 
 def _target_state_dict(accelerator, policy) -> dict | None:
     """The target's full state dict (gathered from FSDP / ZeRO-3 shards by accelerate), named as the HF model names it
-    (without PairLogps' `model.` prefix)."""
+    (without PairLogps' `model.` prefix), each tied tensor once, as save_pretrained writes it."""
     state = accelerator.get_state_dict(policy)
     if state is None:  # non-main ranks under some engines
         return None
-    return {k.removeprefix("model."): v for k, v in state.items()}
+    aliases = tied_aliases(accelerator.unwrap_model(policy))
+    return {k.removeprefix("model."): v for k, v in state.items() if k not in aliases}
 
 
 def _clip(accelerator, model, max_norm: float | None) -> torch.Tensor:

@@ -56,7 +56,7 @@ def build_tokenizer(path: Path | None = None, chat_template: str | None = CHATML
     return tok
 
 
-def build_tiny_model(path: Path, seed: int = 0, chat_template: str | None = CHATML) -> Path:
+def build_tiny_model(path: Path, seed: int = 0, chat_template: str | None = CHATML, tied: bool = False) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tok = build_tokenizer(path, chat_template)
@@ -64,7 +64,7 @@ def build_tiny_model(path: Path, seed: int = 0, chat_template: str | None = CHAT
     config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                          bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                         tie_word_embeddings=False)
+                         tie_word_embeddings=tied)
     LlamaForCausalLM(config).save_pretrained(str(path))
     return path
 
@@ -72,6 +72,13 @@ def build_tiny_model(path: Path, seed: int = 0, chat_template: str | None = CHAT
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def tied_model_dir(tmp_path_factory) -> Path:
+    """The tiny model with tie_word_embeddings (one tensor for lm_head and embed_tokens, as stories260K, Gemma, small
+    Llama and Qwen models)."""
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-llama-tied"), tied=True)
 
 
 @pytest.fixture(scope="session")

@@ -30,9 +30,10 @@ def launch_command(args: tuple[str, ...], cpu: bool = True, engine: str = "ddp")
         env["ACCELERATE_USE_CPU"] = "1"
     if engine == "zero3":  # DeepSpeed's CPU accelerator (gloo) even where a GPU is visible
         env["DS_ACCELERATOR"] = "cpu"
-    # ddp: torchrun; fsdp, zero3: the shipped configs/accelerate/<engine>.yaml (their mixed precision overridden below)
-    how = (["--multi_gpu"] if engine == "ddp"
-           else ["--config_file", str(ROOT / "configs" / "accelerate" / f"{engine}.yaml")])
+    # ddp: torchrun; fsdp, zero3: the shipped configs/accelerate/<engine>.yaml (their mixed precision overridden
+    # below); a path: that accelerate config
+    config = engine if engine.endswith(".yaml") else str(ROOT / "configs" / "accelerate" / f"{engine}.yaml")
+    how = ["--multi_gpu"] if engine == "ddp" else ["--config_file", config]
     cmd = [ACCELERATE, "launch", *how, "--num_processes", "2", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "sdpo_cli", *args]
     return cmd, env
@@ -47,15 +48,18 @@ def read_log(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-@pytest.mark.parametrize("lora,engines", [(False, ("ddp", "fsdp")), (True, ("fsdp",))], ids=["full", "lora"])
-def test_two_processes_equal_one_process_with_twice_the_batch(tiny_config, tmp_path, lora, engines):
+@pytest.mark.parametrize("lora,engines,tied", [(False, ("ddp", "fsdp"), False), (True, ("fsdp",), False),
+                                                (False, ("fsdp",), True)], ids=["full", "lora", "tied"])
+def test_two_processes_equal_one_process_with_twice_the_batch(tiny_config, tmp_path, request, lora, engines, tied):
     """DDP, and FSDP2 through the shipped configs/accelerate/fsdp.yaml, also with LoRA (the adapter gathered from the
-    shards and merged into a reloaded M_{t-1}). 16 pairs, 3 held out (split.eval_fraction): 13 in global batches of 6,
+    shards and merged into a reloaded M_{t-1}) and with tied embeddings (FSDP2's prepare must keep lm_head and
+    embed_tokens one tensor). 16 pairs, 3 held out (split.eval_fraction): 13 in global batches of 6,
     so the last batch of each epoch holds 1 pair, on one rank, and weight-0 copies on the other, and must still train
     exactly as one process's batch of 1. Inference batch 3: 5 batches of D_t, shared unevenly between the 2 ranks;
     the held-out pairs' eval/* records (update 0, every 2 updates, the end) equal one process's too."""
+    base = {"model.base": str(request.getfixturevalue("tied_model_dir"))} if tied else {}
     config, _ = tiny_config(**{"inference.batch_size": 3, "peft.enabled": lora, "split.eval_fraction": 0.2,
-                               "train.eval_every": 2})
+                               "train.eval_every": 2, **base})
     single = tmp_path / "single"
     one = run_cli("run", str(config), f"run_dir={single}", "train.per_device_batch_size=6")
     assert one.returncode == 0, one.stderr

@@ -9,10 +9,12 @@ collectives), and the numbers equal one process's; `train` of the same step stil
 import json
 import shutil
 import time
+from pathlib import Path
 
 import datasets
 import pytest
 import torch
+from safetensors import safe_open
 
 from tests.conftest import run_cli
 from tests.test_distributed import ACCELERATE, launch
@@ -56,18 +58,16 @@ def test_a_model_built_around_handed_over_weights_is_the_loaded_model(which, req
     (stories260K does), the same logits. A tensor too many or too few is a one-line error."""
     from sdpo_cli.config import ModelConfig
     from sdpo_cli.errors import SdpoError
-    from sdpo_cli.models import load_model, model_from_weights
+    from sdpo_cli.models import load_model, model_from_weights, tied_aliases
 
     path = request.getfixturevalue("tiny_model_dir" if which == "tiny" else "stories_dir")
     cfg = ModelConfig(base=str(path))
     loaded = load_model(cfg, train=True)
-    weights, seen = {}, set()
-    for name, tensor in loaded.state_dict(keep_vars=True).items():
-        if id(tensor) not in seen:
-            seen.add(id(tensor))
-            weights[name] = tensor.detach().to(torch.float64)  # not the model's dtype: cast back on the way in
+    aliases = tied_aliases(loaded)
+    # not the model's dtype: cast back on the way in
+    weights = {k: v.detach().to(torch.float64) for k, v in loaded.state_dict().items() if k not in aliases}
     tied = loaded.config.tie_word_embeddings
-    assert tied == (which == "stories") and (len(weights) < len(loaded.state_dict())) == tied
+    assert aliases == ({"lm_head.weight"} if which == "stories" else set()) and tied == (which == "stories")
     built = model_from_weights(cfg, path, weights, train=True)
     assert built.training and built.config.use_cache is False
     want, got = loaded.state_dict(), built.state_dict()
@@ -88,6 +88,62 @@ def test_a_model_built_around_handed_over_weights_is_the_loaded_model(which, req
     first = next(iter(weights))
     with pytest.raises(SdpoError, match=f"lack {first}"):
         model_from_weights(cfg, path, {k: v for k, v in weights.items() if k != first})
+
+
+def split_tie(folder: Path, tied_model_dir: Path) -> Path:
+    """A copy of the tied tiny model whose checkpoint holds the LM head apart from the embeddings, with other values
+    (what sdpo saved under FSDP2 before it kept the tie)."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(tied_model_dir, folder)
+    weights = load_file(str(folder / "model.safetensors"))
+    save_file(weights | {"lm_head.weight": weights["model.embed_tokens.weight"] + 0.01},
+              str(folder / "model.safetensors"), metadata={"format": "pt"})
+    return folder
+
+
+def test_a_split_tie_is_found(tmp_path, tied_model_dir):
+    """models.refuse_split_tie: a model whose embeddings are tied, or not tied by its config, passes; one whose
+    config ties them but whose checkpoint holds two tensors is a one-line error naming the folder."""
+    from sdpo_cli.config import ModelConfig
+    from sdpo_cli.errors import SdpoError
+    from sdpo_cli.models import load_model, refuse_split_tie, tied_aliases
+
+    tied = load_model(ModelConfig(base=str(tied_model_dir)))
+    assert tied_aliases(tied) == {"lm_head.weight"}
+    refuse_split_tie(tied, tied_model_dir)
+    folder = split_tie(tmp_path / "split", tied_model_dir)
+    split = load_model(ModelConfig(base=str(folder)))
+    assert tied_aliases(split) == set()
+    with pytest.raises(SdpoError, match="split: its config.json ties the LM head"):
+        refuse_split_tie(split, folder)
+    split.config.tie_word_embeddings = False
+    refuse_split_tie(split, folder)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(ACCELERATE is None, reason="accelerate CLI not found")
+def test_fsdp2_refuses_a_split_tie_in_one_line_and_runs_it_without_ram_efficient_loading(tiny_config, tmp_path,
+                                                                                        tied_model_dir):
+    """A tied model's checkpoint with two different tensors: accelerate's RAM-efficient FSDP2 prepare would tie them
+    again and fail with a KeyError; reflogp and train refuse it first, in one line with the way out, which works."""
+    from tests.conftest import ROOT
+
+    base = split_tie(tmp_path / "split", tied_model_dir)
+    config, run = tiny_config(**{"model.base": str(base)})
+    assert run_cli("split", str(config)).returncode == 0
+    refused = launch("reflogp", str(config), "--step", "1", engine="fsdp")
+    assert refused.returncode != 0 and "KeyError" not in refused.stderr
+    assert f"Error: {base}: its config.json ties the LM head to the embeddings" in refused.stderr
+    assert "Hint: launch with fsdp_cpu_ram_efficient_loading: false" in refused.stderr
+    plain = tmp_path / "fsdp-no-ram-efficient.yaml"
+    plain.write_text((ROOT / "configs" / "accelerate" / "fsdp.yaml").read_text().replace(
+        "fsdp_cpu_ram_efficient_loading: true", "fsdp_cpu_ram_efficient_loading: false"))
+    scored = launch("reflogp", str(config), "--step", "1", engine=str(plain))
+    assert scored.returncode == 0, scored.stderr + scored.stdout
+    refused = launch("train", str(config), "--step", "1", engine="fsdp")
+    assert refused.returncode != 0 and f"Error: {base}: its config.json ties" in refused.stderr
+    assert not (run / "checkpoints" / "step-1").exists()
 
 
 ENGINES = ["fsdp", "zero3"]
@@ -242,6 +298,9 @@ def test_the_fixtures_run_end_to_end_under_two_process_sharding(shared_fixtures,
         assert held["sharded"] and max(held["shard_param_bytes"]) <= 0.55 * held["param_bytes"]
         meta = json.loads((run / "checkpoints" / f"step-{t}" / "meta.json").read_text())
         assert meta["world_size"] == 2 and meta["first"]["check"] == "ok"
+        # stories260K ties its LM head to its embeddings: one tensor trained and saved, as in one process
+        with safe_open(str(run / "checkpoints" / f"step-{t}" / "model.safetensors"), "pt") as f:
+            assert "model.embed_tokens.weight" in f.keys() and "lm_head.weight" not in f.keys()
 
 
 @pytest.mark.slow
