@@ -22,11 +22,29 @@ def make_accelerator(ctx: RunContext, **kwargs):
     """
     from accelerate import Accelerator
 
+    quiet_deepspeed()
     accelerator = Accelerator(**kwargs)
     check_world(accelerator.num_processes, ctx)
     _fsdp_on_cpu(accelerator)
     _deepspeed_on_cpu(accelerator)
     return accelerator
+
+
+def quiet_deepspeed() -> None:
+    """Where DeepSpeed is installed, import it with stdout pointed at stderr before accelerate does (its
+    `extract_model_from_parallel`, behind every prepare and unwrap, imports DeepSpeed whenever it is installed, under
+    any engine): DeepSpeed's logger keeps the sys.stdout of the moment of import, and stdout carries results
+    (`gamma --json`), which its notes ("Setting accelerator to CPU" on a machine without a GPU, its config and engine
+    reports) would break. Called before every use of accelerate's process state (this module)."""
+    import importlib.util
+
+    if "deepspeed" in sys.modules or importlib.util.find_spec("deepspeed") is None:
+        return
+    with redirect_stdout(sys.stderr):
+        try:
+            import deepspeed  # noqa: F401
+        except ImportError:  # a broken install: accelerate says so when it needs it
+            pass
 
 
 def _fsdp_on_cpu(accelerator) -> None:
@@ -75,10 +93,11 @@ def _deepspeed_on_cpu(accelerator) -> None:
     # what PartialState does for a DeepSpeed launch on GPUs: deepspeed.comm adopts the process group (gloo here).
     # Now rather than inside from_pretrained or prepare, because its CPU backend prints a line to stdout as it builds
     # its shared-memory all-reduce op (a C++ extension, compiled on first use into ~/.cache/torch_extensions):
-    # sent to stderr, as stdout carries results (`gamma --json`).
-    import deepspeed.comm
-
+    # sent to stderr, as stdout carries results (`gamma --json`; DeepSpeed's logger: `quiet_deepspeed`, already
+    # called by make_accelerator).
     with redirect_stdout(sys.stderr):
+        import deepspeed.comm
+
         deepspeed.comm.init_distributed(dist_backend=state.backend, auto_mpi_discovery=False)
 
 
@@ -88,6 +107,7 @@ def main_process_first(ctx: RunContext):
     from accelerate import PartialState
     from accelerate.utils import parse_flag_from_env
 
+    quiet_deepspeed()
     # as Accelerator() does: ACCELERATE_USE_CPU=1 is what makes CPU processes join one gloo group
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
     check_world(state.num_processes, ctx)
@@ -112,6 +132,7 @@ def wait_for_ranks(ctx: RunContext) -> None:
     from accelerate import PartialState
     from accelerate.utils import parse_flag_from_env
 
+    quiet_deepspeed()
     PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU")).wait_for_everyone()
 
 

@@ -7,6 +7,7 @@ collectives), and the numbers equal one process's; `train` of the same step stil
 (distributed._deepspeed_on_cpu)."""
 
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -152,6 +153,25 @@ ENGINES = ["fsdp", "zero3"]
 def needs(engine: str) -> None:
     if engine == "zero3":
         pytest.importorskip("deepspeed")
+
+
+def test_deepspeed_writes_nothing_to_stdout():
+    """stdout carries results (`gamma --json`), but accelerate imports DeepSpeed wherever it is installed (behind
+    every prepare and unwrap, under any engine) and DeepSpeed logs to the stdout of its import ("Setting accelerator to
+    CPU" on a machine without a GPU). distributed.quiet_deepspeed, called before accelerate's process state is made,
+    imports it with stdout pointed at stderr, for the whole process. (Found with `gamma --json` under FSDP2.)"""
+    import subprocess
+    import sys
+
+    pytest.importorskip("deepspeed")
+    code = ("import torch; from sdpo_cli.distributed import quiet_deepspeed; quiet_deepspeed(); "
+            "from accelerate.utils import extract_model_from_parallel; "
+            "extract_model_from_parallel(torch.nn.Linear(1, 1)); "
+            "from deepspeed.utils import logger; logger.warning('a note from deepspeed')")
+    env = {k: v for k, v in os.environ.items() if k != "DS_ACCELERATOR"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == "" and "a note from deepspeed" in out.stderr
 
 
 @pytest.mark.slow
