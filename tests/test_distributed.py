@@ -49,18 +49,15 @@ def read_log(path: Path) -> list[dict]:
 
 
 @pytest.mark.parametrize("lora,engines,tied", [(False, ("ddp", "fsdp"), False), (True, ("fsdp",), False),
-                                                (False, ("fsdp",), True), (False, ("zero3",), True)],
-                         ids=["full", "lora", "tied", "tied-zero3"])
+                                                (False, ("fsdp",), True)], ids=["full", "lora", "tied"])
 def test_two_processes_equal_one_process_with_twice_the_batch(tiny_config, tmp_path, request, lora, engines, tied):
     """DDP, and FSDP2 through the shipped configs/accelerate/fsdp.yaml, also with LoRA (the adapter gathered from the
     shards and merged into a reloaded M_{t-1}) and with tied embeddings (FSDP2's prepare must keep lm_head and
-    embed_tokens one tensor; ZeRO-3 too, where DeepSpeed is installed). 16 pairs, 3 held out (split.eval_fraction):
+    embed_tokens one tensor; ZeRO-3: tests/test_sharded_scoring.py). 16 pairs, 3 held out (split.eval_fraction):
     13 in global batches of 6, so the last batch of each epoch holds 1 pair, on one rank, and weight-0 copies on the
     other, and must still train exactly as one process's batch of 1. Inference batch 3: 5 batches of D_t, shared
     unevenly between the 2 ranks; the held-out pairs' eval/* records (update 0, every 2 updates, the end) equal one
     process's too."""
-    if "zero3" in engines:
-        pytest.importorskip("deepspeed")
     base = {"model.base": str(request.getfixturevalue("tied_model_dir"))} if tied else {}
     config, _ = tiny_config(**{"inference.batch_size": 3, "peft.enabled": lora, "split.eval_fraction": 0.2,
                                "train.eval_every": 2, **base})

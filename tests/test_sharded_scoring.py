@@ -255,18 +255,20 @@ def test_sharded_reflogp_of_one_pair_over_two_processes(tiny_config, tmp_path, e
 
 @pytest.mark.slow
 @pytest.mark.skipif(ACCELERATE is None, reason="accelerate CLI not found")
-def test_zero3_run_equals_one_process(tiny_config, tmp_path):
+def test_zero3_run_equals_one_process(tiny_config, tmp_path, tied_model_dir):
     """`sdpo run` (curriculum split on the main process alone, then reflogp, train, reflogp, train) in one 2-process
     ZeRO-3 launch equals one process with twice the micro-batch. The DeepSpeed config is process-wide and accelerate
     fills its "auto" batch entries at the first prepare (reflogp's: inference batch 3, accumulation 1); train's engine
-    (micro-batch 2, accumulation 2) must not inherit them (distributed.deepspeed_batch)."""
+    (micro-batch 2, accumulation 2) must not inherit them (distributed.deepspeed_batch). The model ties its LM head to
+    its embeddings: one tensor trained and saved, as in one process."""
     from safetensors.torch import load_file
 
     from tests.test_distributed import read_log
 
     pytest.importorskip("deepspeed")
     config, _ = tiny_config(**{"inference.batch_size": 3, "split.eval_fraction": 0.2, "split.strategy": "curriculum",
-                               "split.fractions": [0.5, 0.5], "train.gradient_accumulation": 2})
+                               "split.fractions": [0.5, 0.5], "train.gradient_accumulation": 2,
+                               "model.base": str(tied_model_dir)})
     single, multi = tmp_path / "single", tmp_path / "multi"
     one = run_cli("run", str(config), f"run_dir={single}", "train.per_device_batch_size=4")
     assert one.returncode == 0, one.stderr
@@ -294,7 +296,7 @@ def test_zero3_run_equals_one_process(tiny_config, tmp_path):
             assert rb.get("loss") == pytest.approx(ra.get("loss"), abs=1e-5)
         wa = load_file(str(single / "checkpoints" / f"step-{t}" / "model.safetensors"))
         wb = load_file(str(multi / "checkpoints" / f"step-{t}" / "model.safetensors"))
-        assert wa.keys() == wb.keys()
+        assert wa.keys() == wb.keys() and "lm_head.weight" not in wb
         assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-4
 
 
