@@ -457,7 +457,7 @@ def model_from_weights(cfg: ModelConfig, path: str | Path | None, weights: dict[
                         hint="a bug in sdpo: run the stages by hand (sdpo reflogp, then sdpo train)")
     model.load_state_dict({k: v.to(dtypes[k]) for k, v in weights.items()}, strict=False, assign=True)
     # tied as from_pretrained ties: a tied copy that came once (lm_head = embed_tokens) is tied again; two that came
-    # with different values stay apart (a checkpoint trained under FSDP2 has both: from_pretrained keeps both too)
+    # with different values stay apart (an earlier sdpo's FSDP2 checkpoints have both: from_pretrained keeps both too)
     model.tie_weights(missing_keys=set(dtypes) - set(weights))
     missing = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if missing:

@@ -79,7 +79,8 @@ def test_a_model_built_around_handed_over_weights_is_the_loaded_model(which, req
     ids = torch.tensor([[1, 5, 9, 3]])
     with torch.no_grad():
         assert torch.equal(built(ids).logits, loaded(ids).logits)
-    # a tied model trained under FSDP2 saves both copies, apart: from_pretrained keeps them apart, and so must this
+    # an earlier sdpo saved a tied model trained under FSDP2 with both copies, apart: from_pretrained keeps them
+    # apart, and so must this
     head = weights["model.embed_tokens.weight"] + 1
     apart = model_from_weights(cfg, path, weights | {"lm_head.weight": head})
     assert apart.get_output_embeddings().weight is not apart.get_input_embeddings().weight
