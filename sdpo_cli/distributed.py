@@ -31,20 +31,31 @@ def make_accelerator(ctx: RunContext, **kwargs):
 
 
 def quiet_deepspeed() -> None:
-    """Where DeepSpeed is installed, import it with stdout pointed at stderr before accelerate does (its
-    `extract_model_from_parallel`, behind every prepare and unwrap, imports DeepSpeed whenever it is installed, under
-    any engine): DeepSpeed's logger keeps the sys.stdout of the moment of import, and stdout carries results
-    (`gamma --json`), which its notes ("Setting accelerator to CPU" on a machine without a GPU, its config and engine
-    reports) would break. Called before every use of accelerate's process state (this module)."""
+    """Where DeepSpeed is installed, import it before accelerate does (its `extract_model_from_parallel`, behind every
+    prepare and unwrap, imports DeepSpeed whenever it is installed, under any engine) and point its logger at stderr:
+    the logger's handler writes to stdout, which carries results (`gamma --json`). What the import itself says (on a
+    machine without a GPU: "Setting accelerator to CPU ...") goes to stderr under a DeepSpeed launch and is dropped
+    otherwise, where DeepSpeed is only probed (e.g. under `make demo`). Called before every use of accelerate's
+    process state (this module)."""
     import importlib.util
+    import io
+    import logging
+
+    from accelerate.utils import parse_flag_from_env
 
     if "deepspeed" in sys.modules or importlib.util.find_spec("deepspeed") is None:
         return
-    with redirect_stdout(sys.stderr):
+    notes = io.StringIO()
+    with redirect_stdout(notes):
         try:
-            import deepspeed  # noqa: F401
+            from deepspeed.utils import logger
         except ImportError:  # a broken install: accelerate says so when it needs it
-            pass
+            return
+    for handler in logger.handlers:
+        if isinstance(handler, logging.StreamHandler):
+            handler.setStream(sys.stderr)
+    if parse_flag_from_env("ACCELERATE_USE_DEEPSPEED"):
+        sys.stderr.write(notes.getvalue())
 
 
 def _fsdp_on_cpu(accelerator) -> None:

@@ -160,7 +160,8 @@ def test_deepspeed_writes_nothing_to_stdout():
     """stdout carries results (`gamma --json`), but accelerate imports DeepSpeed wherever it is installed (behind
     every prepare and unwrap, under any engine) and DeepSpeed logs to the stdout of its import ("Setting accelerator to
     CPU" on a machine without a GPU). distributed.quiet_deepspeed, called before accelerate's process state is made,
-    imports it with stdout pointed at stderr, for the whole process. (Found with `gamma --json` under FSDP2.)"""
+    imports it first and points its logger at stderr, for the whole process. (Found with `gamma --json` under
+    FSDP2.)"""
     import subprocess
     import sys
 
