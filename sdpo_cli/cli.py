@@ -28,6 +28,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from sdpo_cli.context import RunContext
+from sdpo_cli.distributed import leave_process_group
 from sdpo_cli.errors import ConfigError, DataError, SdpoError
 
 
@@ -421,7 +422,9 @@ def main() -> None:
         app(standalone_mode=True)
     except SdpoError as e:
         _fail(e)
-    except SystemExit:
+    except SystemExit as e:
+        if not e.code:  # success: after an error a peer may still wait in a collective that the group's end joins
+            leave_process_group()
         raise
     except (_CtrlC, KeyboardInterrupt):
         RunContext.from_env().err.print("Interrupted. Finished stages are kept; rerun the same command to continue.")

@@ -147,6 +147,16 @@ def wait_for_ranks(ctx: RunContext) -> None:
     PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU")).wait_for_everyone()
 
 
+def leave_process_group() -> None:
+    """Destroy torch's default process group, where this process made one, while the interpreter is still whole.
+    Left to the interpreter's exit, gloo's worker threads can still hold the tensors of finished collectives as
+    Python is torn down, and the process dies of SIGABRT ("terminate called without an active exception") after all
+    its work is done and written: seen in CI on rank 1 of a 2-process FSDP2 reflogp (pytorch/pytorch#190489)."""
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def zero3(accelerator) -> bool:
     plugin = getattr(accelerator.state, "deepspeed_plugin", None)
     return plugin is not None and plugin.deepspeed_config.get("zero_optimization", {}).get("stage") == 3

@@ -116,8 +116,10 @@ def run_train(cfg: SdpoConfig, step: int, *, force: bool = False, redo_stale: bo
     records = loop.run(force=force)
 
     accelerator.wait_for_everyone()
-    if tr.report_to:
-        accelerator.end_training()
+    # the trackers only: accelerate's end_training also destroys the process group, which save_target (a gather
+    # under FSDP, barriers under any launch) and `sdpo run`'s next step still use
+    for tracker in accelerator.trackers:
+        tracker.finish()
     meta = {"stage": "train", "step": step, "started": started, "fingerprint": inputs.fingerprint,
             "inputs": inputs.fingerprint.inputs,
             "target_init": target.init, "reference": target.reference, "data": inputs.run.rel(inputs.data_path),

@@ -57,7 +57,8 @@ def test_two_processes_equal_one_process_with_twice_the_batch(tiny_config, tmp_p
     13 in global batches of 6, so the last batch of each epoch holds 1 pair, on one rank, and weight-0 copies on the
     other, and must still train exactly as one process's batch of 1. Inference batch 3: 5 batches of D_t, shared
     unevenly between the 2 ranks; the held-out pairs' eval/* records (update 0, every 2 updates, the end) equal one
-    process's too."""
+    process's too. The full case reports to TensorBoard as well (report_to changes no weights): accelerate's
+    end_training used to destroy the process group before the checkpoint was gathered."""
     base = {"model.base": str(request.getfixturevalue("tied_model_dir"))} if tied else {}
     config, _ = tiny_config(**{"inference.batch_size": 3, "peft.enabled": lora, "split.eval_fraction": 0.2,
                                "train.eval_every": 2, **base})
@@ -66,10 +67,16 @@ def test_two_processes_equal_one_process_with_twice_the_batch(tiny_config, tmp_p
     assert one.returncode == 0, one.stderr
     for engine in engines:
         multi = tmp_path / engine
-        two = launch("run", str(config), f"run_dir={multi}", "train.per_device_batch_size=3", engine=engine)
+        tracked = () if lora or tied else ("train.report_to=[tensorboard]",)
+        two = launch("run", str(config), f"run_dir={multi}", "train.per_device_batch_size=3", *tracked,
+                     engine=engine)
         assert two.returncode == 0, two.stderr + two.stdout
         assert "3×1×2 = 6 pairs" in two.stderr  # effective batch from the world size, printed at start
         _assert_same_run(single, multi, lora)
+        if tracked:  # both steps' events, written by the main process alone (events.out.tfevents.TIME.HOST.PID.N)
+            events = list((multi / "logs").rglob("events.out.tfevents.*"))
+            assert {e.relative_to(multi / "logs").parts[0] for e in events} == {"sdpo-step-1", "sdpo-step-2"}
+            assert len({e.name.split(".")[-2] for e in events}) == 1
     gamma = launch("gamma", str(config), f"run_dir={multi}", "--json")
     assert gamma.returncode == 0, gamma.stderr
     assert [r["checkpoint"] for r in json.loads(gamma.stdout)] == ["base", "step-1", "step-2"]
@@ -113,6 +120,30 @@ def test_a_world_of_one_under_a_multi_process_launch_is_an_error(tiny_config):
     assert result.returncode != 0
     assert "sees a world of 1" in result.stderr and "ACCELERATE_USE_CPU=1" in result.stderr
     assert not (run / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("code", [0, 2])
+def test_a_command_that_succeeds_leaves_its_process_group(monkeypatch, tmp_path, code):
+    """cli.main destroys the process group once a command has succeeded, before the interpreter's exit, where gloo's
+    threads crashed a finished rank with SIGABRT; after a failure it is left to the exit (a peer may still wait in a
+    collective). A world of one over a file store stands in for the launch."""
+    import torch.distributed as dist
+
+    from sdpo_cli import cli
+
+    def command(standalone_mode):
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+        dist.barrier()
+        sys.exit(code)
+
+    monkeypatch.setattr(cli, "app", command)
+    with pytest.raises(SystemExit) as ended:
+        cli.main()
+    try:
+        assert ended.value.code == code and dist.is_initialized() == bool(code)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 # Killing a launched run: `accelerate launch` (torchrun's elastic agent) starts each worker in a session of its own
