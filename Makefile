@@ -27,12 +27,16 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
-# --durations: the slowest tests at the end of every run (CI's log too), to keep `make test` near 20 minutes
+# TEST_WORKERS pytest processes (pytest-xdist), each test module on one of them (its module fixtures built once);
+# one torch thread per process, as the tests' own processes use. --durations: the slowest tests at the end of every
+# run (CI's log too), to keep `make test` near 20 minutes.
+TEST_WORKERS ?= 2
+test test-fast: export OMP_NUM_THREADS ?= 1
 test: install
-	$(PY) -m pytest -q --durations=15
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadscope --durations=15
 
 test-fast: install
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadscope -m "not slow"
 
 # Chaos (docs/reliability.md): CHAOS_KILLS seeded random SIGKILLs (SDPO_CHAOS_SEED, default 0) over `sdpo run` of the
 # demo, spread over the split, reflogp, training, state saves and checkpoint writes, a rerun after each; the end must

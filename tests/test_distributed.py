@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -34,9 +35,17 @@ def launch_command(args: tuple[str, ...], cpu: bool = True, engine: str = "ddp")
     # below); a path: that accelerate config
     config = engine if engine.endswith(".yaml") else str(ROOT / "configs" / "accelerate" / f"{engine}.yaml")
     how = ["--multi_gpu"] if engine == "ddp" else ["--config_file", config]
+    # a port of its own: `make test` runs two launches at once (pytest-xdist), and torchrun's default is one port
     cmd = [ACCELERATE, "launch", *how, "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "sdpo_cli", *args]
+           "--main_process_port", str(free_port()), "--mixed_precision", "no", "--dynamo_backend", "no",
+           "-m", "sdpo_cli", *args]
     return cmd, env
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def launch(*args: str, cpu: bool = True, cwd: Path = ROOT, engine: str = "ddp") -> subprocess.CompletedProcess:
