@@ -162,6 +162,13 @@ def zero3(accelerator) -> bool:
     return plugin is not None and plugin.deepspeed_config.get("zero_optimization", {}).get("stage") == 3
 
 
+def deepspeed_16bit(accelerator) -> bool:
+    """DeepSpeed with bf16 or fp16: its module's weights are 16-bit copies of the fp32 masters its optimizer holds."""
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    config = plugin.deepspeed_config if plugin is not None else {}
+    return any(config.get(kind, {}).get("enabled") is True for kind in ("bf16", "fp16"))
+
+
 def deepspeed_batch(accelerator, micro_batch: int, accumulation: int = 1) -> None:
     """DeepSpeed's batch entries for the next `prepare` (none without DeepSpeed). Our loaders use batch samplers
     (batch_size None) and inference prepares no loader at all, so DeepSpeed cannot infer the micro-batch itself.

@@ -553,7 +553,7 @@ def _quantization_kwargs(cfg: ModelConfig, source: str) -> dict:
 
     if cfg.quantization == "4bit":
         quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                   bnb_4bit_compute_dtype=_compute_dtype(cfg, source))
+                                   bnb_4bit_compute_dtype=load_dtype(cfg, source))
     elif cfg.quantization == "8bit":
         quant = BitsAndBytesConfig(load_in_8bit=True)
         # LLM.int8 quantizes its inputs from fp16 by design; bitsandbytes logs that on every forward pass
@@ -564,7 +564,8 @@ def _quantization_kwargs(cfg: ModelConfig, source: str) -> dict:
     return {"quantization_config": quant, "device_map": {"": PartialState().device}}
 
 
-def _compute_dtype(cfg: ModelConfig, source: str) -> torch.dtype:
+def load_dtype(cfg: ModelConfig, source: str) -> torch.dtype:
+    """The dtype load_model gives the weights of `source`: model.dtype, or with auto the one its config names."""
     if cfg.dtype != "auto":
         return DTYPES[cfg.dtype]
     from transformers import AutoConfig

@@ -30,8 +30,8 @@ from sdpo_cli.batching import WeightedPairs, train_batches, update_totals
 from sdpo_cli.collate import PairBatch, collate_pairs, pair_length, resolve_layout
 from sdpo_cli.config import SdpoConfig, TrainConfig, section
 from sdpo_cli.context import RunContext
+from sdpo_cli.distributed import deepspeed_16bit, loads_empty, make_accelerator, ram_efficient
 from sdpo_cli.distributed import deepspeed_batch as _deepspeed_batch
-from sdpo_cli.distributed import loads_empty, make_accelerator, ram_efficient
 from sdpo_cli.distributed import sharded as _sharded
 from sdpo_cli.distributed import zero3 as _zero3
 from sdpo_cli.errors import ArtifactError, ConfigError, Interrupted, SdpoError
@@ -44,6 +44,7 @@ from sdpo_cli.modelcard import write_model_card
 from sdpo_cli.models import (
     compile_blocks,
     disable_dropout,
+    load_dtype,
     load_model,
     model_from_weights,
     reference_model,
@@ -886,7 +887,7 @@ def save_target(cfg: SdpoConfig, inputs: StepInputs, target: Target, *, accelera
     sharded = _sharded(accelerator)
     # the full state dict (a collective call under FSDP / ZeRO-3); with LoRA in one process or under DDP, peft
     # reads the adapter from the model itself
-    state_dict = _target_state_dict(accelerator, policy) if sharded or not cfg.peft.enabled else None
+    state_dict = _target_state_dict(accelerator, policy, cfg, target) if sharded or not cfg.peft.enabled else None
     if not accelerator.is_main_process:
         return
     unwrapped = accelerator.unwrap_model(policy).model
@@ -1033,10 +1034,24 @@ def _fused_adam(accelerator, model) -> bool | None:
     return True if plain and supported else None
 
 
-def _target_state_dict(accelerator, policy) -> dict | None:
+def _target_state_dict(accelerator, policy, cfg: SdpoConfig, target: Target) -> dict | None:
     """The target's full state dict (gathered from FSDP / ZeRO-3 shards by accelerate), named as the HF model names it
-    (without PairLogps' `model.` prefix), each tied tensor once, as save_pretrained writes it."""
+    (without PairLogps' `model.` prefix), each tied tensor once, as save_pretrained writes it.
+
+    Under DeepSpeed with bf16 / fp16 the module holds 16-bit copies, rounded from the fp32 master weights that its
+    optimizer updates, and accelerate gathers those copies: the trained parameters are taken from the masters
+    instead, in the dtype the target was loaded in, as one process with autocast saves them. DPO's updates
+    (lr ~5e-7) are far below bf16's resolution (2^-8 of a weight), so a 16-bit M_t loses most of what a step
+    learned, and the next step starts from, and is measured against, that rounded model."""
     state = accelerator.get_state_dict(policy)
+    if deepspeed_16bit(accelerator):
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        keep, dtype = state is not None and accelerator.is_main_process, load_dtype(cfg.model, target.init)
+        for name, param in accelerator.unwrap_model(policy).named_parameters():
+            master = safe_get_full_fp32_param(param)  # a collective under ZeRO: every rank, in the same order
+            if master is not None and keep:  # None: a frozen parameter, which has no master
+                state[name] = master.to("cpu", dtype)
     if state is None:  # non-main ranks under some engines
         return None
     aliases = tied_aliases(accelerator.unwrap_model(policy))

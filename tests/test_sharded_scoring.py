@@ -257,6 +257,46 @@ def test_sharded_reflogp_of_one_pair_over_two_processes(tiny_config, tmp_path, e
 
 @pytest.mark.slow
 @pytest.mark.skipif(ACCELERATE is None, reason="accelerate CLI not found")
+def test_zero3_in_bf16_saves_the_fp32_master_weights(tiny_config, tmp_path):
+    """Under DeepSpeed bf16 the module's weights are bf16 copies of fp32 masters. M_1 must hold the masters, in the
+    base's dtype (fp32 here), as one process with bf16 autocast saves it: at lr 1e-5 every update is far below bf16's
+    resolution (~1.2e-4 at the tiny model's weights of ~0.02), so the bf16 copies that accelerate gathers keep almost
+    nothing of the step. DeepSpeed starts its masters from the base rounded to bf16 (ZeRO-3 loads it in bf16): the
+    step's change is measured from there, and must match one process's change from the base."""
+    from safetensors.torch import load_file
+
+    from sdpo_cli.config import load_config
+
+    pytest.importorskip("deepspeed")
+    config, _ = tiny_config(**{"train.mixed_precision": "bf16", "train.learning_rate": 1e-5})
+    single, multi = tmp_path / "single", tmp_path / "multi"
+    one = run_cli("run", str(config), f"run_dir={single}", "train.per_device_batch_size=4")
+    assert one.returncode == 0, one.stderr
+    two = launch("run", str(config), f"run_dir={multi}", "train.per_device_batch_size=2", engine="zero3")
+    assert two.returncode == 0, two.stderr + two.stdout
+    base = load_file(str(Path(load_config(config).model.base) / "model.safetensors"))
+    m1_one = load_file(str(single / "checkpoints" / "step-1" / "model.safetensors"))
+    m1_ds = load_file(str(multi / "checkpoints" / "step-1" / "model.safetensors"))
+    assert m1_ds.keys() == base.keys() and {t.dtype for t in m1_ds.values()} == {torch.float32}
+    assert json.loads((multi / "checkpoints" / "step-1" / "meta.json").read_text())["first"]["check"] == "ok"
+    agree = moved = total = 0
+    for name, weight in base.items():
+        if weight.dim() < 2:
+            continue  # the matrices: norms start at 1.0, where bf16 is exact
+        change_ds = m1_ds[name] - weight.to(torch.bfloat16).float()
+        change_one = m1_one[name] - weight
+        assert change_one.abs().max() < 1.2e-4  # the step's change is below bf16's resolution at these weights
+        trained = change_one != 0  # not the embeddings of tokens the pairs never use
+        moved += int((change_ds[trained] != 0).sum())
+        agree += int((torch.sign(change_ds[trained]) == torch.sign(change_one[trained])).sum())
+        total += int(trained.sum())
+    # the bf16 copies would show a change in few elements; the masters in nearly all, in the same direction
+    print(f"{total} weights trained in one process; under ZeRO-3 bf16 M_1 moved {moved}, {agree} the same way")
+    assert total > 10_000 and moved > 0.95 * total and agree > 0.9 * total, (moved, agree, total)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(ACCELERATE is None, reason="accelerate CLI not found")
 def test_zero3_run_equals_one_process(tiny_config, tmp_path, tied_model_dir):
     """`sdpo run` (curriculum split on the main process alone, then reflogp, train, reflogp, train) in one 2-process
     ZeRO-3 launch equals one process with twice the micro-batch. The DeepSpeed config is process-wide and accelerate
