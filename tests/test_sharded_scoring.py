@@ -290,7 +290,8 @@ def test_zero3_in_bf16_saves_the_fp32_master_weights(tiny_config, tmp_path):
         moved += int((change_ds[trained] != 0).sum())
         agree += int((torch.sign(change_ds[trained]) == torch.sign(change_one[trained])).sum())
         total += int(trained.sum())
-    # the bf16 copies would show a change in few elements; the masters in nearly all, in the same direction
+    # the bf16 copies that were saved before moved 28 % of them (8,944 of 32,222); the masters move nearly all, in
+    # the same direction
     print(f"{total} weights trained in one process; under ZeRO-3 bf16 M_1 moved {moved}, {agree} the same way")
     assert total > 10_000 and moved > 0.95 * total and agree > 0.9 * total, (moved, agree, total)
 
