@@ -425,6 +425,14 @@ def main() -> None:
     except SystemExit as e:
         if not e.code:  # success: after an error a peer may still wait in a collective that the group's end joins
             leave_process_group()
+            if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+                # A launched process whose work is done and written skips the interpreter's finalization: even with
+                # the group destroyed, a rank of a finished 2-process ZeRO-3 `sdpo run` died there of SIGABRT in CI
+                # ("terminate called without an active exception", C++ threads outliving Python), and torchrun then
+                # reports the whole job failed. Trackers are finished and files closed by then.
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(0)
         raise
     except (_CtrlC, KeyboardInterrupt):
         RunContext.from_env().err.print("Interrupted. Finished stages are kept; rerun the same command to continue.")
